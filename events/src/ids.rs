@@ -1,0 +1,228 @@
+//! Id newtypes: every id that crosses the wire has its own type, so a worker id can never be passed where a client id is meant.
+//!
+//! Uuid-backed ids are UUIDv7 (time-ordered, so they index well). String ids that end up as a subject token
+//! (`allocations.<worker>`, `results.<client>`) are validated at construction and at decoding: they cannot carry
+//! `.`, `*`, `>` or whitespace, and are at most [`MAX_TOKEN_LEN`] bytes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Longest string id accepted; keeps subjects and index keys small.
+pub const MAX_TOKEN_LEN: usize = 64;
+
+/// Why a string is not a valid id token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("{kind} must not be empty")]
+    Empty { kind: &'static str },
+    #[error("{kind} is {len} bytes, longer than the maximum of {MAX_TOKEN_LEN}")]
+    TooLong { kind: &'static str, len: usize },
+    #[error(
+        "{kind} {value:?} contains {ch:?}; only ASCII letters, digits, '-' and '_' are allowed"
+    )]
+    InvalidChar {
+        kind: &'static str,
+        value: String,
+        ch: char,
+    },
+    #[error("{kind} {value:?} is not a UUID")]
+    NotUuid { kind: &'static str, value: String },
+}
+
+/// Checks that `value` is usable as one NATS subject token and as a database key.
+pub fn validate_token(kind: &'static str, value: &str) -> Result<(), IdError> {
+    if value.is_empty() {
+        return Err(IdError::Empty { kind });
+    }
+    if value.len() > MAX_TOKEN_LEN {
+        return Err(IdError::TooLong {
+            kind,
+            len: value.len(),
+        });
+    }
+    if let Some(ch) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(IdError::InvalidChar {
+            kind,
+            value: value.to_owned(),
+            ch,
+        });
+    }
+    Ok(())
+}
+
+macro_rules! uuid_id {
+    ($(#[$meta:meta])* $name:ident, $kind:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Uuid);
+
+        impl $name {
+            /// A new time-ordered (v7) id.
+            pub fn new() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            /// A fixed id, for fixtures and tests.
+            pub const fn from_u128(v: u128) -> Self {
+                Self(Uuid::from_u128(v))
+            }
+
+            pub fn as_uuid(&self) -> Uuid {
+                self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s).map(Self).map_err(|_| IdError::NotUuid {
+                    kind: $kind,
+                    value: s.to_owned(),
+                })
+            }
+        }
+
+        impl From<Uuid> for $name {
+            fn from(u: Uuid) -> Self {
+                Self(u)
+            }
+        }
+    };
+}
+
+macro_rules! token_id {
+    ($(#[$meta:meta])* $name:ident, $kind:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `value` as a subject token.
+            pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+                let value = value.into();
+                validate_token($kind, &value)?;
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// The id of one event (UUIDv7). Also the JetStream de-duplication key of the frame it opens.
+    EventId,
+    "event id"
+);
+uuid_id!(
+    /// A task, from submission to its terminal state, across attempts.
+    TaskId,
+    "task id"
+);
+uuid_id!(
+    /// Ties together every event that one request caused.
+    CorrelationId,
+    "correlation id"
+);
+uuid_id!(
+    /// One settlement batch: one TON transaction of up to 255 payouts.
+    SettlementId,
+    "settlement id"
+);
+
+token_id!(
+    /// A GPU worker node. Appears as the last token of `allocations.<worker>`.
+    WorkerId,
+    "worker id"
+);
+token_id!(
+    /// A client (consumer of results). Appears as the last token of `results.<client>`.
+    ClientId,
+    "client id"
+);
+token_id!(
+    /// The service instance that produced an event, e.g. `allocator-1`.
+    ProducerId,
+    "producer id"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_reject_subject_metacharacters() {
+        for bad in ["a.b", "a*", ">", "a b", "", "é"] {
+            assert!(WorkerId::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(WorkerId::new("x".repeat(MAX_TOKEN_LEN + 1)).is_err());
+        assert_eq!(WorkerId::new("gpu-node_7").unwrap().as_str(), "gpu-node_7");
+    }
+
+    #[test]
+    fn token_ids_are_validated_when_decoded() {
+        let bytes = rmp_serde::to_vec("bad.worker").unwrap();
+        assert!(rmp_serde::from_slice::<WorkerId>(&bytes).is_err());
+    }
+
+    #[test]
+    fn uuid_ids_parse_and_display() {
+        let id = TaskId::new();
+        assert_eq!(id.to_string().parse::<TaskId>().unwrap(), id);
+        assert!("nope".parse::<TaskId>().is_err());
+    }
+}
