@@ -230,38 +230,35 @@ pub fn encode_event(record: &EventRecord) -> Result<Vec<u8>, EncodeError> {
     .map_err(serialize_err)
 }
 
-/// Accumulates encoded events and finishes them into a frame. Reusable: `finish` empties it.
+/// Accumulates encoded events for one frame. Reusable: `finish` empties it.
 ///
 /// Events are encoded as they are pushed, so the caller knows the frame's size at every step and can flush
-/// on bytes; finishing only writes the array header and compresses.
+/// on bytes; finishing only writes the array header. Compression is a separate step ([`FrameSealer`]), so that
+/// many open frames (one per subject) do not each hold a compression context.
+#[derive(Debug)]
 pub struct FrameBuilder {
     config: CodecConfig,
-    compressor: zstd::bulk::Compressor<'static>,
     body: Vec<u8>,
     count: u32,
 }
 
-impl std::fmt::Debug for FrameBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameBuilder")
-            .field("config", &self.config)
-            .field("bytes", &self.body.len())
-            .field("count", &self.count)
-            .finish()
-    }
+/// A finished, uncompressed frame body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub body: Vec<u8>,
+    pub event_count: u32,
 }
 
 /// Size of the array32 header that opens every frame body.
 const ARRAY_HEADER_LEN: usize = 5;
 
 impl FrameBuilder {
-    pub fn new(config: CodecConfig) -> Result<Self, EncodeError> {
-        Ok(Self {
+    pub fn new(config: CodecConfig) -> Self {
+        Self {
             config,
-            compressor: zstd::bulk::Compressor::new(config.zstd_level)?,
             body: Self::empty_body(),
             count: 0,
-        })
+        }
     }
 
     fn empty_body() -> Vec<u8> {
@@ -313,17 +310,51 @@ impl FrameBuilder {
         Ok(())
     }
 
-    /// Closes the frame, compressing it when above the threshold, and leaves the builder empty.
-    pub fn finish(&mut self) -> Result<EncodedFrame, EncodeError> {
+    /// Closes the frame and leaves the builder empty.
+    pub fn finish(&mut self) -> RawFrame {
         let mut body = std::mem::replace(&mut self.body, Self::empty_body());
         let count = std::mem::take(&mut self.count);
         body[0] = 0xdd; // MessagePack array32
         body[1..ARRAY_HEADER_LEN].copy_from_slice(&count.to_be_bytes());
-        let raw_len = body.len();
+        RawFrame {
+            body,
+            event_count: count,
+        }
+    }
+}
+
+/// Compresses finished frames above the threshold and checks the wire limit. Holds one zstd context.
+pub struct FrameSealer {
+    config: CodecConfig,
+    compressor: zstd::bulk::Compressor<'static>,
+}
+
+impl std::fmt::Debug for FrameSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameSealer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrameSealer {
+    pub fn new(config: CodecConfig) -> Result<Self, EncodeError> {
+        Ok(Self {
+            config,
+            compressor: zstd::bulk::Compressor::new(config.zstd_level)?,
+        })
+    }
+
+    pub fn config(&self) -> &CodecConfig {
+        &self.config
+    }
+
+    pub fn seal(&mut self, raw: RawFrame) -> Result<EncodedFrame, EncodeError> {
+        let raw_len = raw.body.len();
         let (encoding, body) = if raw_len > self.config.compress_threshold {
-            (Encoding::MsgPackZstd, self.compressor.compress(&body)?)
+            (Encoding::MsgPackZstd, self.compressor.compress(&raw.body)?)
         } else {
-            (Encoding::MsgPack, body)
+            (Encoding::MsgPack, raw.body)
         };
         if body.len() > self.config.max_frame_bytes {
             return Err(EncodeError::FrameTooLarge {
@@ -334,7 +365,7 @@ impl FrameBuilder {
         Ok(EncodedFrame {
             headers: FrameHeaders {
                 encoding,
-                event_count: count,
+                event_count: raw.event_count,
                 schema_version: FRAME_SCHEMA_VERSION,
             },
             body,
@@ -343,16 +374,16 @@ impl FrameBuilder {
     }
 }
 
-/// Encodes `records` into one frame with a one-off builder.
+/// Encodes `records` into one frame with a one-off builder and sealer.
 pub fn encode_frame(
     config: CodecConfig,
     records: &[EventRecord],
 ) -> Result<EncodedFrame, EncodeError> {
-    let mut builder = FrameBuilder::new(config)?;
+    let mut builder = FrameBuilder::new(config);
     for record in records {
         builder.push(record)?;
     }
-    builder.finish()
+    FrameSealer::new(config)?.seal(builder.finish())
 }
 
 /// Decodes a frame body with its headers into its events, in order.

@@ -25,7 +25,7 @@ pub use envelope::Envelope;
 pub use event::{EVENT_KINDS, Event, EventKind, EventPayload, EventRecord, PayloadError};
 pub use frame::{
     CodecConfig, DecodeError, EncodeError, EncodedFrame, Encoding, FrameBuilder, FrameHeaders,
-    decode_frame, encode_frame,
+    FrameSealer, RawFrame, decode_frame, encode_frame,
 };
 pub use ids::{
     ClientId, CorrelationId, EventId, IdError, ProducerId, SettlementId, TaskId, WorkerId,

@@ -1,0 +1,245 @@
+//! The frame consumer: durable pull consumers that fetch frames in batches and hand the caller each frame with
+//! its stream sequence, so the caller commits its work first and acks the last message after (AckAll).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+};
+use bytes::Bytes;
+use events::{CodecConfig, DecodeError, EventRecord, FrameHeaders, Stream, Timestamp};
+use futures_util::StreamExt;
+
+use crate::provision::DEFAULT_ACK_WAIT;
+
+/// A durable consumer to create or reuse.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub stream: Stream,
+    /// Durable name; from the consuming service's constants, e.g. `projector-tasks-p0`.
+    pub durable: String,
+    /// Subjects to take; empty means the whole stream.
+    pub filter_subjects: Vec<String>,
+    /// Where a new consumer starts; an existing one keeps its position.
+    pub start: DeliverPolicy,
+    pub ack_wait: Duration,
+    /// Frames delivered and not yet acked, at most.
+    pub max_ack_pending: i64,
+}
+
+impl ConsumerSpec {
+    pub fn new(stream: Stream, durable: impl Into<String>) -> Self {
+        Self {
+            stream,
+            durable: durable.into(),
+            filter_subjects: Vec::new(),
+            start: DeliverPolicy::All,
+            ack_wait: DEFAULT_ACK_WAIT,
+            max_ack_pending: 10_000,
+        }
+    }
+
+    pub fn filter_subjects(
+        mut self,
+        subjects: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.filter_subjects = subjects.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Start a new consumer after `sequence` (e.g. a database checkpoint).
+    pub fn start_after(mut self, sequence: u64) -> Self {
+        self.start = if sequence == 0 {
+            DeliverPolicy::All
+        } else {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: sequence + 1,
+            }
+        };
+        self
+    }
+
+    fn config(&self) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.durable.clone()),
+            filter_subjects: self.filter_subjects.clone(),
+            deliver_policy: self.start,
+            // One ack covers every earlier message: commit a batch, ack its last frame.
+            ack_policy: AckPolicy::All,
+            ack_wait: self.ack_wait,
+            max_ack_pending: self.max_ack_pending,
+            ..Default::default()
+        }
+    }
+}
+
+/// Why consuming failed. Fetch errors are transient (retry with backoff); the caller decides.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("stream {stream} is missing; provision the streams first")]
+    NoStream { stream: &'static str },
+    #[error("consumer {durable} on {stream}: {reason}")]
+    Consumer {
+        stream: &'static str,
+        durable: String,
+        reason: String,
+    },
+    #[error("fetch from {durable} failed: {reason}")]
+    Fetch { durable: String, reason: String },
+    #[error("ack on {durable} failed: {reason}")]
+    Ack { durable: String, reason: String },
+    #[error("message without JetStream metadata: {0}")]
+    Metadata(String),
+}
+
+/// One frame as delivered: where it sits in the stream, and its bytes. Decode it with [`ReceivedFrame::decode`].
+#[derive(Debug, Clone)]
+pub struct ReceivedFrame {
+    pub stream_sequence: u64,
+    pub subject: String,
+    /// When the server stored the frame.
+    pub stored_at: Timestamp,
+    /// Messages still waiting for this consumer after this one.
+    pub pending: u64,
+    pub headers: Option<async_nats::HeaderMap>,
+    pub body: Bytes,
+}
+
+impl ReceivedFrame {
+    /// The frame's events, or a typed error saying why the bytes are not a frame (dead-letter it).
+    pub fn decode(&self, codec: &CodecConfig) -> Result<Vec<EventRecord>, DecodeError> {
+        let headers: FrameHeaders = crate::frame_headers(self.headers.as_ref())?;
+        events::decode_frame(codec, &headers, &self.body)
+    }
+}
+
+/// Frames fetched together; ack the batch after the work is committed.
+#[derive(Debug)]
+pub struct FetchedBatch {
+    pub frames: Vec<ReceivedFrame>,
+    last: Option<jetstream::Message>,
+    durable: String,
+}
+
+impl FetchedBatch {
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Acks the last frame, which acks every frame of the batch (AckAll), and waits for the server's confirmation.
+    pub async fn ack(self) -> Result<(), ConsumeError> {
+        match self.last {
+            None => Ok(()),
+            Some(message) => message.double_ack().await.map_err(|e| ConsumeError::Ack {
+                durable: self.durable,
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// A durable pull consumer of frames.
+#[derive(Debug)]
+pub struct FrameConsumer {
+    consumer: PullConsumer,
+    durable: String,
+}
+
+impl FrameConsumer {
+    /// Creates the durable consumer, or binds to it if it exists (its position is kept).
+    pub async fn bind(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<Self, ConsumeError> {
+        let stream_name = spec.stream.name();
+        let stream = js
+            .get_stream(stream_name)
+            .await
+            .map_err(|_| ConsumeError::NoStream {
+                stream: stream_name,
+            })?;
+        let consumer = stream
+            .get_or_create_consumer(&spec.durable, spec.config())
+            .await
+            .map_err(|e| ConsumeError::Consumer {
+                stream: stream_name,
+                durable: spec.durable.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            consumer,
+            durable: spec.durable.clone(),
+        })
+    }
+
+    pub fn durable(&self) -> &str {
+        &self.durable
+    }
+
+    /// Fetches up to `max_frames`: whatever is available now, or, when nothing is, the first frame to arrive
+    /// within `max_wait` plus whatever came with it. Returns an empty batch when nothing arrived.
+    ///
+    /// A pull that waits for a full batch would hold frames past their ack wait under a slow trickle (and
+    /// collect their redeliveries); taking what is there keeps latency low and batches full under backlog.
+    pub async fn fetch(
+        &self,
+        max_frames: usize,
+        max_wait: Duration,
+    ) -> Result<FetchedBatch, ConsumeError> {
+        let mut batch = FetchedBatch {
+            frames: Vec::with_capacity(max_frames),
+            last: None,
+            durable: self.durable.clone(),
+        };
+        self.pull(&mut batch, max_frames, None).await?;
+        if batch.frames.is_empty() && !max_wait.is_zero() {
+            self.pull(&mut batch, 1, Some(max_wait)).await?;
+            if !batch.frames.is_empty() && max_frames > 1 {
+                self.pull(&mut batch, max_frames - 1, None).await?;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// One pull request: `wait` = None returns at once with what is available.
+    async fn pull(
+        &self,
+        batch: &mut FetchedBatch,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> Result<(), ConsumeError> {
+        let fetch_err = |e: &dyn std::fmt::Display| ConsumeError::Fetch {
+            durable: self.durable.clone(),
+            reason: e.to_string(),
+        };
+        let mut messages = match wait {
+            None => self.consumer.fetch().max_messages(max).messages().await,
+            Some(wait) => {
+                self.consumer
+                    .batch()
+                    .max_messages(max)
+                    .expires(wait)
+                    .messages()
+                    .await
+            }
+        }
+        .map_err(|e| fetch_err(&e))?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| fetch_err(&e))?;
+            let info = message
+                .info()
+                .map_err(|e| ConsumeError::Metadata(e.to_string()))?;
+            let stored_at = Timestamp::from_micros(
+                i64::try_from(info.published.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX),
+            );
+            batch.frames.push(ReceivedFrame {
+                stream_sequence: info.stream_sequence,
+                subject: message.subject.to_string(),
+                stored_at,
+                pending: info.pending,
+                headers: message.headers.clone(),
+                body: message.payload.clone(),
+            });
+            batch.last = Some(message);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+//! `bus`: the only code in the pool that talks to JetStream.
+//!
+//! - consumes: nothing by itself; [`FrameConsumer`] hands frames to its caller;
+//! - produces: frames of events, through the batching [`Publisher`];
+//! - owns: stream and consumer provisioning ([`provision`]);
+//! - guarantees: every published frame carries a `Nats-Msg-Id` (its first event's id) so a repeated publish is
+//!   dropped by the server; every failed publish reaches the caller, through the event's [`Receipt`] and the
+//!   next [`Publisher::flush`]; a consumer acks only when its caller says the work is committed.
+//!
+//! Services never build subjects or stream configs themselves: subjects come from `events::subjects`, stream
+//! settings from [`provision::stream_config`].
+
+pub mod consumer;
+pub mod provision;
+pub mod publisher;
+
+use std::time::Duration;
+
+pub use consumer::{ConsumeError, ConsumerSpec, FetchedBatch, FrameConsumer, ReceivedFrame};
+pub use provision::{ProvisionError, ProvisionOutcome, ProvisionReport, provision_streams};
+pub use publisher::{Position, PublishError, Publisher, PublisherConfig, Receipt};
+
+/// Where and how to reach NATS.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// `nats://host:port`, comma-separated for a cluster.
+    pub url: String,
+    /// Connection name shown in server monitoring, e.g. `projector-1`.
+    pub name: String,
+    /// How long JetStream API calls and publish acks may take.
+    pub request_timeout: Duration,
+}
+
+impl BusConfig {
+    pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            name: name.into(),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the bus could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to NATS at {url}: {source}")]
+pub struct ConnectError {
+    pub url: String,
+    #[source]
+    pub source: async_nats::ConnectError,
+}
+
+/// A connection to NATS with its JetStream context.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub jetstream: async_nats::jetstream::Context,
+}
+
+impl Bus {
+    pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(&config.name)
+            .request_timeout(Some(config.request_timeout))
+            .connect(config.url.as_str())
+            .await
+            .map_err(|source| ConnectError {
+                url: config.url.clone(),
+                source,
+            })?;
+        Ok(Bus::from_client(client, config.request_timeout))
+    }
+
+    pub fn from_client(client: async_nats::Client, timeout: Duration) -> Bus {
+        let jetstream = async_nats::jetstream::ContextBuilder::new()
+            .timeout(timeout)
+            .build(client.clone());
+        Bus { client, jetstream }
+    }
+}
+
+/// Converts a NATS header map into the frame headers it carries.
+pub fn frame_headers(
+    headers: Option<&async_nats::HeaderMap>,
+) -> Result<events::FrameHeaders, events::DecodeError> {
+    events::FrameHeaders::parse(|name| headers.and_then(|h| h.get(name)).map(|v| v.as_str()))
+}
