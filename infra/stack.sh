@@ -11,6 +11,8 @@
 #   COCOON_NATS_MONITOR_PORT  NATS HTTP monitoring port   (default 8222)
 #   COCOON_PG_PORT            Postgres port               (default 55432)
 #   COCOON_PG_BINDIR          use the Postgres binaries in this directory
+#   COCOON_PG_DIR             Postgres state directory (default: <state>/pg, or
+#                             /var/tmp/cocoon-pg-<hash> when root and <state> is private)
 #   COCOON_PG_SOURCE          auto (default) | system | wheel
 #   COCOON_STACK_TIMEOUT      seconds to wait for health  (default 30)
 #
@@ -66,6 +68,22 @@ log() { printf 'stack: %s\n' "$*" >&2; }
 die() { printf 'stack: error: %s\n' "$*" >&2; exit 1; }
 
 is_root() { [[ $(id -u) -eq 0 ]]; }
+
+# A checkout under a private directory (e.g. /root, mode 700) cannot be
+# reached by the unprivileged account that must own the Postgres data
+# directory; then the data lives under /var/tmp, in a directory named after
+# the state directory so two checkouts never share one. COCOON_PG_DIR forces
+# a location.
+if [[ -n ${COCOON_PG_DIR:-} ]]; then
+    PG_DIR=$COCOON_PG_DIR
+elif is_root && command -v runuser >/dev/null 2>&1 && ! runuser -u nobody -- test -x "$STATE" 2>/dev/null; then
+    PG_DIR=/var/tmp/cocoon-pg-$(printf '%s' "$STATE" | sha256sum | cut -c1-12)
+fi
+mkdir -p "$PG_DIR"
+PG_DATA=$PG_DIR/data
+PG_SOCK=$PG_DIR/sock
+PG_LOG=$PG_DIR/postgres.log
+PG_BINDIR_FILE=$PG_DIR/bindir
 
 # ---------------------------------------------------------------- helpers ---
 

@@ -1,2 +1,786 @@
-//! placeholder
-fn main() {}
+//! Load drivers and benchmarks against a real nats-server; `load-tests publish` measures publisher throughput.
+//!
+//! `publish` starts one nats-server (the pinned binary, JetStream, file storage in a temp dir), pre-generates
+//! the events, then runs every scenario `--runs` times, interleaved (run 1 of every scenario, then run 2, ...)
+//! so that drift of the machine affects all scenarios alike. Each run publishes into a freshly created TASKS
+//! stream and is timed from the first publish until every event is acknowledged (`flush` returned Ok, or the
+//! last ack future resolved). After the clock stops, the stream is read back (headers only) and the run fails
+//! unless the frames in the stream carry exactly the events that were sent: a benchmark that lost events
+//! silently would be worthless.
+//!
+//! Scenarios (comma-separated; `name:K` publishes from K concurrent tasks sharing one publisher):
+//! - `frames50-zstd`: the bus `Publisher` with its defaults (frames of 50, linger 5 ms, 64 frames of 50 in
+//!   flight, zstd-1 above 1 KiB);
+//! - `frames50-raw`: the same without compression (threshold `usize::MAX`), to show what zstd buys;
+//! - `single`: the bus `Publisher` with one event per frame and 1024 events in flight;
+//! - `raw-single`: no publisher: async-nats JetStream publishes of pre-encoded one-event frames (the same
+//!   headers and `Nats-Msg-Id` as `single` puts on the wire), 1024 ack futures in flight; the ceiling of one
+//!   event per message.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use async_nats::jetstream::{self, message::PublishMessage};
+use bus::{Bus, Publisher, PublisherConfig};
+use clap::{Parser, Subcommand};
+use events::frame::{HEADER_EVENT_COUNT, encode_event, encode_frame};
+use events::{CodecConfig, EventRecord, Partitions, Stream};
+use futures_util::StreamExt as _;
+
+#[derive(Debug, Parser)]
+#[command(name = "load-tests", about = "Benchmarks against a real nats-server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publisher throughput: frames of 50 (zstd) against one event per message, in the same run.
+    Publish(PublishArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PublishArgs {
+    /// Events per run.
+    #[arg(long, default_value_t = 500_000)]
+    events: usize,
+    /// Target encoded size of one TaskSubmitted event, in bytes.
+    #[arg(long, default_value_t = 350)]
+    event_size: usize,
+    /// The inline task input: the sample's repeating pattern, or random bytes (incompressible).
+    #[arg(long, value_enum, default_value = "pattern")]
+    input: InputKind,
+    /// Timed runs per scenario; the table shows their median, min and max.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Scenarios, comma-separated: frames50-zstd, frames50-raw, single, raw-single; `name:K` publishes from
+    /// K concurrent tasks (publisher scenarios only).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "frames50-zstd,frames50-raw,single,raw-single"
+    )]
+    scenarios: Vec<Scenario>,
+    /// Frames scenarios: linger in milliseconds (publisher default 5).
+    #[arg(long)]
+    linger_ms: Option<u64>,
+    /// Frames scenarios: frames of 50 in flight (publisher default 64, i.e. 3200 events).
+    #[arg(long)]
+    frames_in_flight: Option<usize>,
+    /// Events in flight for `single` and ack futures in flight for `raw-single`.
+    #[arg(long, default_value_t = 1024)]
+    single_in_flight: usize,
+    /// Events published (untimed) before the first run, to warm up the server and the connection.
+    #[arg(long, default_value_t = 50_000)]
+    warmup_events: usize,
+    /// Where to write the markdown report (default: load-tests/out/publish-<date>.md).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum InputKind {
+    Pattern,
+    Random,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Frames { compress: bool },
+    Single,
+    RawSingle,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Scenario {
+    label: String,
+    kind: Kind,
+    /// Concurrent publishing tasks.
+    tasks: usize,
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, tasks) = match s.split_once(':') {
+            Some((name, k)) => (
+                name,
+                k.parse::<usize>()
+                    .ok()
+                    .filter(|k| *k >= 1)
+                    .ok_or_else(|| format!("bad task count in {s:?}"))?,
+            ),
+            None => (s, 1),
+        };
+        let kind = match name {
+            "frames50-zstd" => Kind::Frames { compress: true },
+            "frames50-raw" => Kind::Frames { compress: false },
+            "single" => Kind::Single,
+            "raw-single" => Kind::RawSingle,
+            _ => {
+                return Err(format!(
+                    "unknown scenario {name:?}; known: frames50-zstd, frames50-raw, single, raw-single"
+                ));
+            }
+        };
+        if kind == Kind::RawSingle && tasks != 1 {
+            return Err("raw-single publishes from one task".to_owned());
+        }
+        Ok(Scenario {
+            label: s.to_owned(),
+            kind,
+            tasks,
+        })
+    }
+}
+
+/// One timed run, verified.
+#[derive(Debug, Clone, Copy)]
+struct RunResult {
+    elapsed: Duration,
+    events: u64,
+    frames: u64,
+    /// Sum of message payloads (frame bodies, compressed where compressed), as stored.
+    payload_bytes: u64,
+    /// CPU seconds of this process (the publisher side) during the run.
+    client_cpu: f64,
+    /// CPU seconds of nats-server during the run.
+    server_cpu: f64,
+}
+
+impl RunResult {
+    fn events_per_s(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// The stream every TaskSubmitted lands in.
+const STREAM: Stream = Stream::Tasks;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    match cli.command {
+        Command::Publish(args) => runtime.block_on(publish_benchmark(args)),
+    }
+}
+
+async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
+    ensure!(args.events > 0 && args.runs > 0, "--events and --runs must be positive");
+    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    let started_at = date_utc();
+
+    let nats = tests::NatsServer::start().await;
+    let client = nats.client().await;
+    let server_version = client.server_info().version;
+    let server_pid = find_server_pid(nats.port());
+    let bus = Bus::from_client(client, Duration::from_secs(30));
+    let js = bus.jetstream.clone();
+
+    // Pre-generate (untimed). The same records serve every run; each run has a fresh stream, so the
+    // duplicate window (keyed on the first event id of a frame) starts empty.
+    let gen_started = Instant::now();
+    let (size_arg, uncalibrated) = calibrate_size(args.event_size)?;
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let records: Arc<Vec<EventRecord>> = Arc::new(
+        (0..args.events)
+            .map(|_| {
+                let mut record = events::sample::task_submitted_of_size(size_arg);
+                if args.input == InputKind::Random {
+                    randomize_input(&mut record, &mut rng);
+                }
+                record
+            })
+            .collect(),
+    );
+    let encoded_size = encode_event(&records[0]).context("encode a sample event")?.len();
+    let mean_encoded = records
+        .iter()
+        .take(1000)
+        .map(|r| encode_event(r).map(|e| e.len()))
+        .sum::<Result<usize, _>>()?
+        / records.len().min(1000);
+    let raw = Arc::new(pre_encode_single(&records)?);
+    let gen_elapsed = gen_started.elapsed();
+
+    let machine = Machine::probe();
+    let mut header = String::new();
+    writeln!(header, "- command: `{command_line}`")?;
+    writeln!(header, "- date (UTC): {started_at}")?;
+    writeln!(
+        header,
+        "- machine: {} CPUs ({}), {} memory, kernel {}",
+        machine.cpus, machine.cpu_model, machine.memory, machine.kernel
+    )?;
+    writeln!(
+        header,
+        "- nats-server {server_version}, JetStream file storage (temp dir), 1 replica, same host (loopback)"
+    )?;
+    writeln!(
+        header,
+        "- events: {} per run, TaskSubmitted encoded to {} bytes (asked for {}; mean of the first 1000: {}; \
+         `task_submitted_of_size({size_arg})`, since `task_submitted_of_size({})` encodes to {uncalibrated} bytes), \
+         {} inline input, 8 partitions (`tasks.0..7`); {} runs per scenario, interleaved; generated in {:.1} s (untimed)",
+        args.events,
+        encoded_size,
+        args.event_size,
+        mean_encoded,
+        args.event_size,
+        match args.input {
+            InputKind::Pattern => "patterned (sample)",
+            InputKind::Random => "random",
+        },
+        args.runs,
+        gen_elapsed.as_secs_f64()
+    )?;
+    print!("{header}");
+    if encoded_size.abs_diff(args.event_size) > args.event_size / 10 {
+        println!(
+            "- note: the encoded event is {encoded_size} bytes, more than 10% away from the {} asked for",
+            args.event_size
+        );
+    }
+
+    // Warm-up: server, file store, connection buffers, allocator.
+    if args.warmup_events > 0 {
+        let warm = Scenario::from_str("frames50-zstd").map_err(anyhow::Error::msg)?;
+        let n = args.warmup_events.min(records.len());
+        let sub = Arc::new(records[..n].to_vec());
+        reset_stream(&js).await?;
+        let r = run_publisher(&js, &warm, &args, sub).await?;
+        println!(
+            "- warm-up: {n} events in {:.2} s (untimed for the table)",
+            r.elapsed.as_secs_f64()
+        );
+    }
+
+    let mut results: Vec<Vec<RunResult>> = vec![Vec::new(); args.scenarios.len()];
+    for run in 1..=args.runs {
+        for (i, scenario) in args.scenarios.iter().enumerate() {
+            reset_stream(&js).await?;
+            let cpu_before = (self_cpu_seconds(), server_pid.and_then(pid_cpu_seconds));
+            let mut r = match scenario.kind {
+                Kind::RawSingle => run_raw_single(&js, &raw, args.single_in_flight).await?,
+                _ => run_publisher(&js, scenario, &args, records.clone()).await?,
+            };
+            let cpu_after = (self_cpu_seconds(), server_pid.and_then(pid_cpu_seconds));
+            r.client_cpu = cpu_after.0.unwrap_or(0.0) - cpu_before.0.unwrap_or(0.0);
+            r.server_cpu = match (cpu_before.1, cpu_after.1) {
+                (Some(b), Some(a)) => a - b,
+                _ => f64::NAN,
+            };
+            verify(&js, &mut r, args.events as u64)
+                .await
+                .with_context(|| format!("run {run} of {}", scenario.label))?;
+            eprintln!(
+                "run {run}/{} {:<16} {:>9.0} events/s  {:>8.0} frames/s  {:>6.1} MB/s  cpu client {:.2}s server {:.2}s",
+                args.runs,
+                scenario.label,
+                r.events_per_s(),
+                r.frames as f64 / r.elapsed.as_secs_f64(),
+                r.payload_bytes as f64 / r.elapsed.as_secs_f64() / 1e6,
+                r.client_cpu,
+                r.server_cpu
+            );
+            results[i].push(r);
+        }
+    }
+    reset_stream(&js).await?;
+
+    let table = render_table(&args, &results);
+    let ended_at = date_utc();
+    let mut report = String::new();
+    writeln!(report, "### Publisher throughput\n")?;
+    report.push_str(&header);
+    writeln!(report, "- finished (UTC): {ended_at}\n")?;
+    report.push_str(&table);
+    println!();
+    print!("{table}");
+
+    let out = match &args.out {
+        Some(path) => path.clone(),
+        None => tests::workspace_root().join("load-tests/out").join(format!(
+            "publish-{}.md",
+            started_at.replace(':', "").replace('-', "")
+        )),
+    };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::write(&out, &report).with_context(|| format!("write {}", out.display()))?;
+    println!("\nreport written to {}", out.display());
+    Ok(())
+}
+
+/// Deletes the TASKS stream (if any) and provisions it again, empty.
+async fn reset_stream(js: &jetstream::Context) -> anyhow::Result<()> {
+    match js.delete_stream(STREAM.name()).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::DeleteStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) => {}
+        Err(e) => bail!("delete stream {}: {e}", STREAM.name()),
+    }
+    bus::provision_streams(js, 1)
+        .await
+        .context("provision streams")?;
+    let info = js.get_stream(STREAM.name()).await?.get_info().await?;
+    ensure!(info.state.messages == 0, "stream not empty after re-creation");
+    Ok(())
+}
+
+fn publisher_config(scenario: &Scenario, args: &PublishArgs) -> PublisherConfig {
+    let defaults = PublisherConfig::default();
+    match scenario.kind {
+        Kind::Frames { compress } => PublisherConfig {
+            linger: args
+                .linger_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.linger),
+            max_pending_events: args
+                .frames_in_flight
+                .map(|f| f * defaults.max_events as usize)
+                .unwrap_or(defaults.max_pending_events),
+            codec: CodecConfig {
+                compress_threshold: if compress {
+                    defaults.codec.compress_threshold
+                } else {
+                    usize::MAX
+                },
+                ..defaults.codec
+            },
+            ..defaults
+        },
+        Kind::Single | Kind::RawSingle => PublisherConfig {
+            max_events: 1,
+            max_pending_events: args.single_in_flight,
+            ..defaults
+        },
+    }
+}
+
+/// Publishes every record through the bus publisher from `scenario.tasks` tasks; the clock runs from the
+/// first publish until `flush` returns Ok.
+async fn run_publisher(
+    js: &jetstream::Context,
+    scenario: &Scenario,
+    args: &PublishArgs,
+    records: Arc<Vec<EventRecord>>,
+) -> anyhow::Result<RunResult> {
+    let publisher = Publisher::new(js.clone(), publisher_config(scenario, args))?;
+    let n = records.len();
+    let tasks = scenario.tasks;
+    let chunk = n.div_ceil(tasks);
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(tasks);
+    for t in 0..tasks {
+        let publisher = publisher.clone();
+        let records = records.clone();
+        handles.push(tokio::spawn(async move {
+            let range = (t * chunk).min(n)..((t + 1) * chunk).min(n);
+            for record in &records[range] {
+                // The receipt may be dropped: a failure is still reported by `flush`.
+                let _receipt = publisher.publish(record).await?;
+            }
+            Ok::<_, bus::PublishError>(())
+        }));
+    }
+    for handle in handles {
+        handle.await.context("publishing task panicked")??;
+    }
+    publisher
+        .flush()
+        .await
+        .context("flush reported failed frames")?;
+    let elapsed = started.elapsed();
+    Ok(RunResult {
+        elapsed,
+        events: n as u64,
+        frames: 0,
+        payload_bytes: 0,
+        client_cpu: 0.0,
+        server_cpu: 0.0,
+    })
+}
+
+/// The argument of `task_submitted_of_size` whose event encodes closest to `target` bytes, and the encoded
+/// size of `task_submitted_of_size(target)` itself (the sample's estimate of its fixed part is off).
+fn calibrate_size(target: usize) -> anyhow::Result<(usize, usize)> {
+    let encoded = |arg: usize| -> anyhow::Result<usize> {
+        Ok(encode_event(&events::sample::task_submitted_of_size(arg))?.len())
+    };
+    let uncalibrated = encoded(target)?;
+    let mut best = (target, uncalibrated);
+    let mut arg = target;
+    for _ in 0..16 {
+        let len = encoded(arg)?;
+        if len.abs_diff(target) < best.1.abs_diff(target) {
+            best = (arg, len);
+        }
+        if len == target {
+            break;
+        }
+        let next = (arg as i64 + target as i64 - len as i64).max(0) as usize;
+        if next == arg {
+            break;
+        }
+        arg = next;
+    }
+    Ok((best.0, uncalibrated))
+}
+
+/// Replaces the inline input of a TaskSubmitted by as many pseudo-random bytes (xorshift64).
+fn randomize_input(record: &mut EventRecord, state: &mut u64) {
+    if let events::Event::TaskSubmitted(task) = &mut record.event
+        && let events::payload::Blob::Inline(bytes) = &mut task.spec.input
+    {
+        for byte in bytes.iter_mut() {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            *byte = *state as u8;
+        }
+    }
+}
+
+/// One-event frames, encoded before the clock starts, with the headers `single` would send.
+struct RawSet {
+    messages: Vec<RawMessage>,
+    /// Frame headers; identical for every uncompressed one-event frame.
+    headers: async_nats::HeaderMap,
+}
+
+struct RawMessage {
+    subject: async_nats::Subject,
+    body: bytes::Bytes,
+    message_id: String,
+}
+
+fn pre_encode_single(records: &[EventRecord]) -> anyhow::Result<RawSet> {
+    let codec = CodecConfig::default();
+    let mut headers = None;
+    let messages = records
+        .iter()
+        .map(|record| {
+            let frame = encode_frame(codec, std::slice::from_ref(record))?;
+            let wanted = frame.headers;
+            let template = headers.get_or_insert(wanted);
+            ensure!(
+                *template == wanted,
+                "one-event frames differ in their headers ({template:?} vs {wanted:?})"
+            );
+            Ok(RawMessage {
+                subject: String::from(record.subject(Partitions::DEFAULT)).into(),
+                body: frame.body.into(),
+                message_id: record.envelope.event_id.to_string(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut map = async_nats::HeaderMap::new();
+    for (name, value) in headers.context("no records")?.pairs() {
+        map.insert(name, value.as_str());
+    }
+    Ok(RawSet {
+        messages,
+        headers: map,
+    })
+}
+
+/// Raw JetStream publishes, one event per message, `in_flight` ack futures outstanding (oldest awaited
+/// first); the clock runs from the first publish until the last ack.
+async fn run_raw_single(
+    js: &jetstream::Context,
+    raw: &Arc<RawSet>,
+    in_flight: usize,
+) -> anyhow::Result<RunResult> {
+    let js = js.clone();
+    let raw = raw.clone();
+    let events = raw.messages.len() as u64;
+    let in_flight = in_flight.max(1);
+    // Publish from a runtime worker, as the publisher scenarios do.
+    let (elapsed, duplicates) = tokio::spawn(async move {
+        let mut acks = VecDeque::with_capacity(in_flight);
+        let mut duplicates = 0u64;
+        let started = Instant::now();
+        for m in &raw.messages {
+            if acks.len() >= in_flight {
+                let ack: jetstream::context::PublishAckFuture =
+                    acks.pop_front().expect("a full window is not empty");
+                duplicates += u64::from(ack.await?.duplicate);
+            }
+            let message = PublishMessage::build()
+                .payload(m.body.clone())
+                .headers(raw.headers.clone())
+                .message_id(&m.message_id);
+            acks.push_back(js.send_publish(m.subject.clone(), message).await?);
+        }
+        while let Some(ack) = acks.pop_front() {
+            duplicates += u64::from(ack.await?.duplicate);
+        }
+        Ok::<_, anyhow::Error>((started.elapsed(), duplicates))
+    })
+    .await
+    .context("raw publishing task panicked")??;
+    ensure!(
+        duplicates == 0,
+        "{duplicates} publishes were acked as duplicates"
+    );
+    Ok(RunResult {
+        elapsed,
+        events,
+        frames: 0,
+        payload_bytes: 0,
+        client_cpu: 0.0,
+        server_cpu: 0.0,
+    })
+}
+
+/// Reads the stream back (headers only) and checks that its frames carry exactly `expected` events; fills in
+/// the frame count and the payload bytes of the run.
+async fn verify(
+    js: &jetstream::Context,
+    run: &mut RunResult,
+    expected: u64,
+) -> anyhow::Result<()> {
+    let stream = js.get_stream(STREAM.name()).await?;
+    let info = stream.get_info().await?;
+    let messages = info.state.messages;
+    ensure!(
+        info.state.last_sequence == messages,
+        "stream holds {messages} messages but its last sequence is {}",
+        info.state.last_sequence
+    );
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            headers_only: true,
+            ..Default::default()
+        })
+        .await
+        .context("create the read-back consumer")?;
+    let mut stored = consumer.messages().await?;
+    let (mut frames, mut events, mut bytes) = (0u64, 0u64, 0u64);
+    while frames < messages {
+        let message = tokio::time::timeout(Duration::from_secs(30), stored.next())
+            .await
+            .context("read-back stalled")?
+            .context("read-back ended early")?
+            .map_err(|e| anyhow::anyhow!("read-back: {e}"))?;
+        let headers = message.headers.as_ref().context("a frame without headers")?;
+        let header = |name: &str| -> anyhow::Result<u64> {
+            headers
+                .get(name)
+                .with_context(|| format!("a frame without {name}"))?
+                .as_str()
+                .parse()
+                .with_context(|| format!("bad {name}"))
+        };
+        events += header(HEADER_EVENT_COUNT)?;
+        bytes += header("Nats-Msg-Size")?;
+        frames += 1;
+    }
+    ensure!(
+        events == expected,
+        "LOST OR DUPLICATED EVENTS: the stream holds {events} events in {frames} frames, {expected} were published"
+    );
+    run.frames = frames;
+    run.payload_bytes = bytes;
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn render_table(args: &PublishArgs, results: &[Vec<RunResult>]) -> String {
+    let medians: Vec<f64> = results
+        .iter()
+        .map(|runs| median(runs.iter().map(RunResult::events_per_s).collect()))
+        .collect();
+    let baseline = |label: &str| {
+        args.scenarios
+            .iter()
+            .position(|s| s.label == label)
+            .map(|i| medians[i])
+    };
+    let single = baseline("single");
+    let raw_single = baseline("raw-single");
+    let ratio = |base: Option<f64>, value: f64| match base {
+        Some(b) => format!("{:.2}×", value / b),
+        None => "—".to_owned(),
+    };
+    let mut t = String::new();
+    t.push_str(
+        "| scenario | events/s (median) | min – max | frames/s | events/frame | wire MB/s | wire B/event | \
+         CPU µs/event client + server | vs single | vs raw-single |\n",
+    );
+    t.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for ((scenario, runs), med) in args.scenarios.iter().zip(results).zip(&medians) {
+        let per_run = |f: &dyn Fn(&RunResult) -> f64| median(runs.iter().map(f).collect());
+        let min = runs
+            .iter()
+            .map(RunResult::events_per_s)
+            .fold(f64::INFINITY, f64::min);
+        let max = runs
+            .iter()
+            .map(RunResult::events_per_s)
+            .fold(0.0, f64::max);
+        let frames_per_s = per_run(&|r| r.frames as f64 / r.elapsed.as_secs_f64());
+        let events_per_frame = per_run(&|r| r.events as f64 / r.frames as f64);
+        let mb_per_s = per_run(&|r| r.payload_bytes as f64 / r.elapsed.as_secs_f64() / 1e6);
+        let bytes_per_event = per_run(&|r| r.payload_bytes as f64 / r.events as f64);
+        let client_us = per_run(&|r| r.client_cpu * 1e6 / r.events as f64);
+        let server_us = per_run(&|r| r.server_cpu * 1e6 / r.events as f64);
+        let label = if scenario.tasks > 1 {
+            format!("`{}` ({} tasks)", scenario.label, scenario.tasks)
+        } else {
+            format!("`{}`", scenario.label)
+        };
+        let _ = writeln!(
+            t,
+            "| {label} | {} | {} – {} | {} | {:.1} | {:.1} | {:.0} | {:.2} + {:.2} | {} | {} |",
+            thousands(*med),
+            thousands(min),
+            thousands(max),
+            thousands(frames_per_s),
+            events_per_frame,
+            mb_per_s,
+            bytes_per_event,
+            client_us,
+            server_us,
+            ratio(single, *med),
+            ratio(raw_single, *med),
+        );
+    }
+    t
+}
+
+/// `1234567.8` as `1,234,568`.
+fn thousands(value: f64) -> String {
+    if !value.is_finite() {
+        return "—".to_owned();
+    }
+    let digits = format!("{:.0}", value.round());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What the numbers were measured on.
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    memory: String,
+    kernel: String,
+}
+
+impl Machine {
+    fn probe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_else(|| "unknown CPU".to_owned());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
+            .unwrap_or_else(|| "unknown".to_owned());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|k| k.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".to_owned());
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model,
+            memory,
+            kernel,
+        }
+    }
+}
+
+/// `date -u`, ISO 8601.
+fn date_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The pid of the nats-server listening on `port` (from /proc/*/cmdline), to measure its CPU time.
+fn find_server_pid(port: u16) -> Option<u32> {
+    let port = port.to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_server = args.first()?.ends_with(b"nats-server");
+        let on_port = args
+            .windows(2)
+            .any(|w| w[0] == b"-p" && w[1] == port.as_bytes());
+        (is_server && on_port).then_some(pid)
+    })
+}
+
+fn self_cpu_seconds() -> Option<f64> {
+    cpu_seconds("/proc/self/stat")
+}
+
+fn pid_cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime of a process (all its threads), in seconds.
+fn cpu_seconds(stat_path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces; field 3 comes first.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}

@@ -1,0 +1,35 @@
+# The two commands a newcomer needs are `make run` and `make test`; the rest are for day-to-day work.
+# Every target installs what it needs (nats-server 2.15.1 and Postgres, through infra/stack.sh).
+
+CARGO ?= cargo
+COCOON = target/debug/cocoon
+
+.PHONY: run test lint bench stack-up stack-down clean-stack
+
+## run: start the embedded stack, provision streams, migrate, publish a sample of the pool's life, show it
+run: stack-up
+	$(CARGO) build -p cocoon
+	$(COCOON) dev up
+	$(COCOON) dev demo --tasks 3
+	$(COCOON) events dump --limit 25
+
+## test: start the stack and run the whole test suite against real nats-server and Postgres
+test: stack-up
+	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
+	$(CARGO) nextest run --workspace --profile $${NEXTEST_PROFILE:-default}
+
+## lint: formatting and clippy, as CI runs them
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## bench: publisher throughput benchmark (release build); record results in load-tests/RESULTS.md
+bench:
+	infra/stack.sh install
+	$(CARGO) run --release -p load-tests -- publish
+
+stack-up:
+	infra/stack.sh up
+
+stack-down:
+	infra/stack.sh down

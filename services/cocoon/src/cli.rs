@@ -1,0 +1,106 @@
+//! The command line, as clap types. Defaults point at the embedded stack of `infra/stack.sh`.
+
+use clap::{Args, Parser, Subcommand};
+
+/// Operate a Cocoon GPU Pool: the dev stack, the event log.
+#[derive(Debug, Parser)]
+#[command(name = "cocoon", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the pool's servers are.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// NATS server URL.
+    #[arg(long, env = "COCOON_NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    pub nats_url: String,
+    /// Postgres URL of the read models.
+    #[arg(
+        long,
+        env = "COCOON_DATABASE_URL",
+        default_value = "postgres://cocoon@127.0.0.1:55432/cocoon",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The embedded development stack (nats-server and Postgres on loopback).
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+    /// Read the event log.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Create or update the JetStream streams (idempotent).
+    Provision {
+        /// Copies of each stream: 1, or 3 on a cluster.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+    },
+    /// Apply the read-model migrations (idempotent).
+    Migrate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Install what is missing, start the stack, provision the streams, migrate the database.
+    Up,
+    /// Stop the stack (data is kept under .cocoon/).
+    Down,
+    /// Whether the stack is running, and what the streams hold.
+    Status,
+    /// Publish a small sample of the pool's life (a worker, its attestation, tasks through to payment).
+    Demo {
+        /// How many tasks to run through the lifecycle.
+        #[arg(long, default_value_t = 3)]
+        tasks: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print events already in the log as JSON lines, then exit.
+    Dump(Filter),
+    /// Follow the log: print new events as JSON lines until interrupted.
+    Tail(Filter),
+}
+
+/// Which events to print. Filters combine with AND.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Filter {
+    /// Streams to read (tasks, allocations, workers, attestations, payments, results, deadletters); repeatable.
+    /// Default: every event stream, or the streams of the given subjects.
+    #[arg(long = "stream", short = 's', value_name = "STREAM")]
+    pub streams: Vec<String>,
+    /// Subjects to read, wildcards allowed (e.g. `tasks.3`, `allocations.*`); repeatable.
+    #[arg(long = "subject", value_name = "SUBJECT")]
+    pub subjects: Vec<String>,
+    /// First stream sequence to print (inclusive).
+    #[arg(long)]
+    pub from_seq: Option<u64>,
+    /// Last stream sequence to print (inclusive).
+    #[arg(long)]
+    pub to_seq: Option<u64>,
+    /// Only frames stored at or after this time: RFC 3339 (`2026-11-22T21:00:00Z`) or an age (`90s`, `15m`, `2h`, `1d`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only frames stored at or before this time (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only events of these types (e.g. TaskSubmitted); repeatable.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub types: Vec<String>,
+    /// Stop after printing this many events.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}

@@ -1,0 +1,102 @@
+//! `cocoon`: the operator command line of Cocoon GPU Pool.
+//!
+//! - consumes: any stream, read-only, through ephemeral ordered consumers (`events dump|tail`);
+//! - produces: sample events (`dev demo`) and stream definitions (`provision`);
+//! - owns: nothing; it drives `infra/stack.sh` for the embedded stack and the `schemas` migrator;
+//! - guarantees: reading the log never moves a durable consumer and never acks anything.
+
+pub mod cli;
+pub mod demo;
+pub mod dev;
+pub mod dump;
+pub mod when;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::Notify;
+
+use cli::{Cli, Command, DevCommand, EventsCommand};
+
+/// A stop request, passed to long commands (mini-redis style) instead of global signal state.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    notify: Arc<Notify>,
+    triggered: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn trigger(&self) {
+        self.triggered.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.triggered.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once `trigger` has been called (at once if it already was).
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_triggered() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Runs one command to completion.
+pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dev { command } => match command {
+            DevCommand::Up => dev::up(&cli.conn).await.map(|()| ExitCode::SUCCESS),
+            DevCommand::Down => dev::down().map(|()| ExitCode::SUCCESS),
+            DevCommand::Status => dev::status(&cli.conn).await,
+            DevCommand::Demo { tasks } => demo::run(&cli.conn, tasks).await.map(|()| ExitCode::SUCCESS),
+        },
+        Command::Events { command } => {
+            let (filter, follow) = match command {
+                EventsCommand::Dump(f) => (f, false),
+                EventsCommand::Tail(f) => (f, true),
+            };
+            let query = dump::Query::from_filter(&filter, follow)?;
+            let bus = connect(&cli.conn).await?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let summary = dump::dump(&bus.jetstream, &query, &mut out, shutdown).await?;
+            drop(out);
+            eprintln!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Provision { replicas } => {
+            let bus = connect(&cli.conn).await?;
+            let report = bus::provision_streams(&bus.jetstream, replicas).await?;
+            for (stream, outcome) in &report.streams {
+                println!("{:<14} {outcome:?}", stream.name());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let report = dev::migrate(&cli.conn.database_url).await?;
+            println!(
+                "applied {:?}; {} already applied",
+                report.applied, report.already_applied
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Connects to NATS with a clear error when nothing listens.
+pub async fn connect(conn: &cli::Connection) -> anyhow::Result<bus::Bus> {
+    bus::Bus::connect(&bus::BusConfig::new(&conn.nats_url, "cocoon-cli"))
+        .await
+        .with_context(|| "is the stack running? start it with `cocoon dev up` or `infra/stack.sh up`")
+}
