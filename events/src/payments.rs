@@ -12,6 +12,8 @@ use crate::time::Timestamp;
 pub struct PaymentAccrued {
     pub task_id: TaskId,
     pub worker_id: WorkerId,
+    /// The attempt whose completion earned it (a task accrues once, for the attempt that completed).
+    pub attempt: u32,
     pub gpu_millis: GpuMillis,
     pub price_per_gpu_second: Nanoton,
     pub amount: Nanoton,

@@ -212,6 +212,7 @@ pub fn all_events() -> Vec<Event> {
         PaymentAccrued {
             task_id: TASK,
             worker_id: worker(),
+            attempt: 1,
             gpu_millis: GpuMillis(12_345),
             price_per_gpu_second: Nanoton(1_500),
             amount: Nanoton(18_517),

@@ -15,7 +15,10 @@
 //! - `single`: the bus `Publisher` with one event per frame and 1024 events in flight;
 //! - `raw-single`: no publisher: async-nats JetStream publishes of pre-encoded one-event frames (the same
 //!   headers and `Nats-Msg-Id` as `single` puts on the wire), 1024 ack futures in flight; the ceiling of one
-//!   event per message.
+//!   event per message;
+//! - `raw-frames50-zstd`: no publisher: async-nats publishes of frames of 50 events per subject, encoded and
+//!   compressed before the clock starts, 64 ack futures in flight; the ceiling of the server and the transport
+//!   for frames, i.e. what the publisher would reach if encoding, compression and its bookkeeping were free.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -59,18 +62,19 @@ struct PublishArgs {
     /// Timed runs per scenario; the table shows their median, min and max.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Scenarios, comma-separated: frames50-zstd, frames50-raw, single, raw-single; `name:K` publishes from
-    /// K concurrent tasks (publisher scenarios only).
+    /// Scenarios, comma-separated: frames50-zstd, frames50-raw, single, raw-single, raw-frames50-zstd;
+    /// `name:K` publishes from K concurrent tasks (publisher scenarios only).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "frames50-zstd,frames50-raw,single,raw-single"
+        default_value = "frames50-zstd,frames50-raw,single,raw-single,raw-frames50-zstd"
     )]
     scenarios: Vec<Scenario>,
     /// Frames scenarios: linger in milliseconds (publisher default 5).
     #[arg(long)]
     linger_ms: Option<u64>,
-    /// Frames scenarios: frames of 50 in flight (publisher default 64, i.e. 3200 events).
+    /// Frames scenarios: frames of 50 in flight (publisher default 64, i.e. 3200 events); also the ack
+    /// futures in flight for `raw-frames50-zstd`.
     #[arg(long)]
     frames_in_flight: Option<usize>,
     /// Events in flight for `single` and ack futures in flight for `raw-single`.
@@ -95,6 +99,7 @@ enum Kind {
     Frames { compress: bool },
     Single,
     RawSingle,
+    RawFrames,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,14 +129,16 @@ impl FromStr for Scenario {
             "frames50-raw" => Kind::Frames { compress: false },
             "single" => Kind::Single,
             "raw-single" => Kind::RawSingle,
+            "raw-frames50-zstd" => Kind::RawFrames,
             _ => {
                 return Err(format!(
-                    "unknown scenario {name:?}; known: frames50-zstd, frames50-raw, single, raw-single"
+                    "unknown scenario {name:?}; known: frames50-zstd, frames50-raw, single, raw-single, \
+                     raw-frames50-zstd"
                 ));
             }
         };
-        if kind == Kind::RawSingle && tasks != 1 {
-            return Err("raw-single publishes from one task".to_owned());
+        if matches!(kind, Kind::RawSingle | Kind::RawFrames) && tasks != 1 {
+            return Err(format!("{name} publishes from one task"));
         }
         Ok(Scenario {
             label: s.to_owned(),
@@ -153,6 +160,10 @@ struct RunResult {
     client_cpu: f64,
     /// CPU seconds of nats-server during the run.
     server_cpu: f64,
+    /// CPU seconds of every other process on the machine during the run (interference).
+    other_cpu: f64,
+    /// CPU seconds stolen by the hypervisor during the run.
+    steal_cpu: f64,
 }
 
 impl RunResult {
@@ -176,7 +187,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
-    ensure!(args.events > 0 && args.runs > 0, "--events and --runs must be positive");
+    ensure!(
+        args.events > 0 && args.runs > 0,
+        "--events and --runs must be positive"
+    );
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
     let started_at = date_utc();
 
@@ -203,16 +217,27 @@ async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
             })
             .collect(),
     );
-    let encoded_size = encode_event(&records[0]).context("encode a sample event")?.len();
+    let encoded_size = encode_event(&records[0])
+        .context("encode a sample event")?
+        .len();
     let mean_encoded = records
         .iter()
         .take(1000)
         .map(|r| encode_event(r).map(|e| e.len()))
         .sum::<Result<usize, _>>()?
         / records.len().min(1000);
-    let raw = Arc::new(pre_encode_single(&records)?);
+    let wants = |kind: Kind| args.scenarios.iter().any(|s| s.kind == kind);
+    let raw_single = match wants(Kind::RawSingle) {
+        true => Some(Arc::new(pre_encode_single(&records)?)),
+        false => None,
+    };
+    let raw_frames = match wants(Kind::RawFrames) {
+        true => Some(Arc::new(pre_encode_frames(&records, 50)?)),
+        false => None,
+    };
     let gen_elapsed = gen_started.elapsed();
 
+    let costs = component_costs(&records)?;
     let machine = Machine::probe();
     let mut header = String::new();
     writeln!(header, "- command: `{command_line}`")?;
@@ -243,6 +268,7 @@ async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
         args.runs,
         gen_elapsed.as_secs_f64()
     )?;
+    header.push_str(&costs);
     print!("{header}");
     if encoded_size.abs_diff(args.event_size) > args.event_size / 10 {
         println!(
@@ -268,29 +294,50 @@ async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
     for run in 1..=args.runs {
         for (i, scenario) in args.scenarios.iter().enumerate() {
             reset_stream(&js).await?;
+            let system_before = system_cpu_seconds();
             let cpu_before = (self_cpu_seconds(), server_pid.and_then(pid_cpu_seconds));
             let mut r = match scenario.kind {
-                Kind::RawSingle => run_raw_single(&js, &raw, args.single_in_flight).await?,
+                Kind::RawSingle => {
+                    let raw = raw_single.as_ref().context("pre-encoded single frames")?;
+                    run_raw(&js, raw, args.single_in_flight).await?
+                }
+                Kind::RawFrames => {
+                    let raw = raw_frames.as_ref().context("pre-encoded frames")?;
+                    run_raw(&js, raw, args.frames_in_flight.unwrap_or(64)).await?
+                }
                 _ => run_publisher(&js, scenario, &args, records.clone()).await?,
             };
             let cpu_after = (self_cpu_seconds(), server_pid.and_then(pid_cpu_seconds));
+            let system_after = system_cpu_seconds();
             r.client_cpu = cpu_after.0.unwrap_or(0.0) - cpu_before.0.unwrap_or(0.0);
             r.server_cpu = match (cpu_before.1, cpu_after.1) {
                 (Some(b), Some(a)) => a - b,
                 _ => f64::NAN,
             };
+            if let (Some(before), Some(after)) = (system_before, system_after) {
+                let server = if r.server_cpu.is_finite() {
+                    r.server_cpu
+                } else {
+                    0.0
+                };
+                r.other_cpu = ((after.0 - before.0) - r.client_cpu - server).max(0.0);
+                r.steal_cpu = after.1 - before.1;
+            }
             verify(&js, &mut r, args.events as u64)
                 .await
                 .with_context(|| format!("run {run} of {}", scenario.label))?;
             eprintln!(
-                "run {run}/{} {:<16} {:>9.0} events/s  {:>8.0} frames/s  {:>6.1} MB/s  cpu client {:.2}s server {:.2}s",
+                "run {run}/{} {:<16} {:>9.0} events/s  {:>8.0} frames/s  {:>6.1} MB/s  {:.2} s  cpu: client {:.2} s, server {:.2} s, other processes {:.2} s, steal {:.2} s",
                 args.runs,
                 scenario.label,
                 r.events_per_s(),
                 r.frames as f64 / r.elapsed.as_secs_f64(),
                 r.payload_bytes as f64 / r.elapsed.as_secs_f64() / 1e6,
+                r.elapsed.as_secs_f64(),
                 r.client_cpu,
-                r.server_cpu
+                r.server_cpu,
+                r.other_cpu,
+                r.steal_cpu,
             );
             results[i].push(r);
         }
@@ -338,7 +385,10 @@ async fn reset_stream(js: &jetstream::Context) -> anyhow::Result<()> {
         .await
         .context("provision streams")?;
     let info = js.get_stream(STREAM.name()).await?.get_info().await?;
-    ensure!(info.state.messages == 0, "stream not empty after re-creation");
+    ensure!(
+        info.state.messages == 0,
+        "stream not empty after re-creation"
+    );
     Ok(())
 }
 
@@ -364,7 +414,7 @@ fn publisher_config(scenario: &Scenario, args: &PublishArgs) -> PublisherConfig 
             },
             ..defaults
         },
-        Kind::Single | Kind::RawSingle => PublisherConfig {
+        Kind::Single | Kind::RawSingle | Kind::RawFrames => PublisherConfig {
             max_events: 1,
             max_pending_events: args.single_in_flight,
             ..defaults
@@ -413,7 +463,90 @@ async fn run_publisher(
         payload_bytes: 0,
         client_cpu: 0.0,
         server_cpu: 0.0,
+        other_cpu: 0.0,
+        steal_cpu: 0.0,
     })
+}
+
+/// Single-threaded CPU cost of the pieces of the publisher's work, measured in-process before the runs: what
+/// a published event costs before it reaches the connection.
+fn component_costs(records: &[EventRecord]) -> anyhow::Result<String> {
+    let sample = &records[..records.len().min(200_000)];
+    let n = sample.len() as f64;
+    let per_event_us = |elapsed: Duration| elapsed.as_secs_f64() * 1e6 / n;
+
+    // Encoded elements go to one arena, so that the measurement is not about 200k live allocations; the
+    // publisher frees each element right after copying it into its frame, as the first loop does.
+    let mut encode_us = f64::INFINITY;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let mut total = 0usize;
+        for record in sample {
+            total += encode_event(record)?.len();
+        }
+        encode_us = encode_us.min(per_event_us(started.elapsed()));
+        std::hint::black_box(total);
+    }
+    let hot = {
+        let started = Instant::now();
+        let mut total = 0usize;
+        for _ in sample {
+            total += encode_event(&sample[0])?.len();
+        }
+        std::hint::black_box(total);
+        per_event_us(started.elapsed())
+    };
+    eprintln!("DEBUG hot encode {hot:.3} µs/event");
+    let mut arena = Vec::new();
+    let mut bounds = Vec::with_capacity(sample.len());
+    for record in sample {
+        let element = encode_event(record)?;
+        bounds.push(arena.len()..arena.len() + element.len());
+        arena.extend_from_slice(&element);
+    }
+
+    let started = Instant::now();
+    let subjects: Vec<events::Subject> = sample
+        .iter()
+        .map(|r| r.subject(Partitions::DEFAULT))
+        .collect();
+    let subject_us = per_event_us(started.elapsed());
+    drop(subjects);
+
+    let mut out = String::new();
+    for (label, threshold) in [
+        ("zstd-1", CodecConfig::default().compress_threshold),
+        ("no compression", usize::MAX),
+    ] {
+        let codec = CodecConfig {
+            compress_threshold: threshold,
+            ..CodecConfig::default()
+        };
+        let mut sealer = events::frame::FrameSealer::new(codec)?;
+        let (mut raw_bytes, mut wire_bytes) = (0usize, 0usize);
+        let started = Instant::now();
+        for chunk in bounds.chunks(50) {
+            let mut builder = events::FrameBuilder::new(codec);
+            for range in chunk {
+                builder.push_encoded(&arena[range.clone()])?;
+            }
+            let frame = sealer.seal(builder.finish())?;
+            raw_bytes += frame.raw_len;
+            wire_bytes += frame.body.len();
+        }
+        let us = per_event_us(started.elapsed());
+        writeln!(
+            out,
+            "  - frame of 50 + seal ({label}): {us:.2} µs/event ({:.0} µs/frame), {:.1}× smaller on the wire",
+            us * 50.0,
+            raw_bytes as f64 / wire_bytes as f64
+        )?;
+    }
+    Ok(format!(
+        "- CPU cost of the pieces, one thread, no server involved ({} events): encode_event {encode_us:.2} µs/event, \
+         subject {subject_us:.2} µs/event (best of 2 passes)\n{out}",
+        sample.len()
+    ))
 }
 
 /// The argument of `task_submitted_of_size` whose event encodes closest to `target` bytes, and the encoded
@@ -456,59 +589,95 @@ fn randomize_input(record: &mut EventRecord, state: &mut u64) {
     }
 }
 
-/// One-event frames, encoded before the clock starts, with the headers `single` would send.
+/// Frames encoded (and sealed) before the clock starts, with the headers and `Nats-Msg-Id` that the
+/// publisher would send.
 struct RawSet {
     messages: Vec<RawMessage>,
-    /// Frame headers; identical for every uncompressed one-event frame.
-    headers: async_nats::HeaderMap,
+    events: u64,
 }
 
 struct RawMessage {
     subject: async_nats::Subject,
     body: bytes::Bytes,
-    message_id: String,
+    headers: async_nats::HeaderMap,
 }
 
+impl RawMessage {
+    fn new(subject: &str, frame: events::EncodedFrame, first: &EventRecord) -> RawMessage {
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in frame.headers.pairs() {
+            headers.insert(name, value.as_str());
+        }
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            first.envelope.event_id.to_string().as_str(),
+        );
+        RawMessage {
+            subject: subject.to_owned().into(),
+            body: frame.body.into(),
+            headers,
+        }
+    }
+}
+
+/// One event per frame (uncompressed: a single event is below the threshold).
 fn pre_encode_single(records: &[EventRecord]) -> anyhow::Result<RawSet> {
     let codec = CodecConfig::default();
-    let mut headers = None;
     let messages = records
         .iter()
         .map(|record| {
             let frame = encode_frame(codec, std::slice::from_ref(record))?;
-            let wanted = frame.headers;
-            let template = headers.get_or_insert(wanted);
-            ensure!(
-                *template == wanted,
-                "one-event frames differ in their headers ({template:?} vs {wanted:?})"
-            );
-            Ok(RawMessage {
-                subject: String::from(record.subject(Partitions::DEFAULT)).into(),
-                body: frame.body.into(),
-                message_id: record.envelope.event_id.to_string(),
-            })
+            let subject = record.subject(Partitions::DEFAULT);
+            Ok(RawMessage::new(subject.as_str(), frame, record))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut map = async_nats::HeaderMap::new();
-    for (name, value) in headers.context("no records")?.pairs() {
-        map.insert(name, value.as_str());
-    }
     Ok(RawSet {
         messages,
-        headers: map,
+        events: records.len() as u64,
     })
 }
 
-/// Raw JetStream publishes, one event per message, `in_flight` ack futures outstanding (oldest awaited
+/// Frames of `per_frame` events per subject, in publish order, sealed with the default codec (zstd-1 above
+/// 1 KiB), as the publisher forms them when its frames fill up by count.
+fn pre_encode_frames(records: &[EventRecord], per_frame: usize) -> anyhow::Result<RawSet> {
+    let codec = CodecConfig::default();
+    let mut open: std::collections::BTreeMap<String, Vec<EventRecord>> = Default::default();
+    let mut messages = Vec::new();
+    let mut seal = |subject: &str, batch: &[EventRecord]| -> anyhow::Result<()> {
+        let frame = encode_frame(codec, batch)?;
+        messages.push(RawMessage::new(subject, frame, &batch[0]));
+        Ok(())
+    };
+    for record in records {
+        let subject = String::from(record.subject(Partitions::DEFAULT));
+        let batch = open.entry(subject.clone()).or_default();
+        batch.push(record.clone());
+        if batch.len() >= per_frame {
+            let batch = std::mem::take(batch);
+            seal(&subject, &batch)?;
+        }
+    }
+    for (subject, batch) in &open {
+        if !batch.is_empty() {
+            seal(subject, batch)?;
+        }
+    }
+    Ok(RawSet {
+        messages,
+        events: records.len() as u64,
+    })
+}
+
+/// Raw JetStream publishes of pre-encoded frames, `in_flight` ack futures outstanding (oldest awaited
 /// first); the clock runs from the first publish until the last ack.
-async fn run_raw_single(
+async fn run_raw(
     js: &jetstream::Context,
     raw: &Arc<RawSet>,
     in_flight: usize,
 ) -> anyhow::Result<RunResult> {
     let js = js.clone();
     let raw = raw.clone();
-    let events = raw.messages.len() as u64;
+    let events = raw.events;
     let in_flight = in_flight.max(1);
     // Publish from a runtime worker, as the publisher scenarios do.
     let (elapsed, duplicates) = tokio::spawn(async move {
@@ -523,8 +692,7 @@ async fn run_raw_single(
             }
             let message = PublishMessage::build()
                 .payload(m.body.clone())
-                .headers(raw.headers.clone())
-                .message_id(&m.message_id);
+                .headers(m.headers.clone());
             acks.push_back(js.send_publish(m.subject.clone(), message).await?);
         }
         while let Some(ack) = acks.pop_front() {
@@ -545,16 +713,14 @@ async fn run_raw_single(
         payload_bytes: 0,
         client_cpu: 0.0,
         server_cpu: 0.0,
+        other_cpu: 0.0,
+        steal_cpu: 0.0,
     })
 }
 
 /// Reads the stream back (headers only) and checks that its frames carry exactly `expected` events; fills in
 /// the frame count and the payload bytes of the run.
-async fn verify(
-    js: &jetstream::Context,
-    run: &mut RunResult,
-    expected: u64,
-) -> anyhow::Result<()> {
+async fn verify(js: &jetstream::Context, run: &mut RunResult, expected: u64) -> anyhow::Result<()> {
     let stream = js.get_stream(STREAM.name()).await?;
     let info = stream.get_info().await?;
     let messages = info.state.messages;
@@ -578,7 +744,10 @@ async fn verify(
             .context("read-back stalled")?
             .context("read-back ended early")?
             .map_err(|e| anyhow::anyhow!("read-back: {e}"))?;
-        let headers = message.headers.as_ref().context("a frame without headers")?;
+        let headers = message
+            .headers
+            .as_ref()
+            .context("a frame without headers")?;
         let header = |name: &str| -> anyhow::Result<u64> {
             headers
                 .get(name)
@@ -632,25 +801,23 @@ fn render_table(args: &PublishArgs, results: &[Vec<RunResult>]) -> String {
     let mut t = String::new();
     t.push_str(
         "| scenario | events/s (median) | min – max | frames/s | events/frame | wire MB/s | wire B/event | \
-         CPU µs/event client + server | vs single | vs raw-single |\n",
+         CPU µs/event client + server | other processes' CPU (max of runs) | vs single | vs raw-single |\n",
     );
-    t.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    t.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for ((scenario, runs), med) in args.scenarios.iter().zip(results).zip(&medians) {
         let per_run = |f: &dyn Fn(&RunResult) -> f64| median(runs.iter().map(f).collect());
         let min = runs
             .iter()
             .map(RunResult::events_per_s)
             .fold(f64::INFINITY, f64::min);
-        let max = runs
-            .iter()
-            .map(RunResult::events_per_s)
-            .fold(0.0, f64::max);
+        let max = runs.iter().map(RunResult::events_per_s).fold(0.0, f64::max);
         let frames_per_s = per_run(&|r| r.frames as f64 / r.elapsed.as_secs_f64());
         let events_per_frame = per_run(&|r| r.events as f64 / r.frames as f64);
         let mb_per_s = per_run(&|r| r.payload_bytes as f64 / r.elapsed.as_secs_f64() / 1e6);
         let bytes_per_event = per_run(&|r| r.payload_bytes as f64 / r.events as f64);
         let client_us = per_run(&|r| r.client_cpu * 1e6 / r.events as f64);
         let server_us = per_run(&|r| r.server_cpu * 1e6 / r.events as f64);
+        let other = runs.iter().map(|r| r.other_cpu).fold(0.0, f64::max);
         let label = if scenario.tasks > 1 {
             format!("`{}` ({} tasks)", scenario.label, scenario.tasks)
         } else {
@@ -658,7 +825,7 @@ fn render_table(args: &PublishArgs, results: &[Vec<RunResult>]) -> String {
         };
         let _ = writeln!(
             t,
-            "| {label} | {} | {} – {} | {} | {:.1} | {:.1} | {:.0} | {:.2} + {:.2} | {} | {} |",
+            "| {label} | {} | {} – {} | {} | {:.1} | {:.1} | {:.0} | {:.2} + {:.2} | {:.2} s | {} | {} |",
             thousands(*med),
             thousands(min),
             thousands(max),
@@ -668,6 +835,7 @@ fn render_table(args: &PublishArgs, results: &[Vec<RunResult>]) -> String {
             bytes_per_event,
             client_us,
             server_us,
+            other,
             ratio(single, *med),
             ratio(raw_single, *med),
         );
@@ -741,16 +909,37 @@ fn date_utc() -> String {
 /// The pid of the nats-server listening on `port` (from /proc/*/cmdline), to measure its CPU time.
 fn find_server_pid(port: u16) -> Option<u32> {
     let port = port.to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_server = args.first()?.ends_with(b"nats-server");
-        let on_port = args
-            .windows(2)
-            .any(|w| w[0] == b"-p" && w[1] == port.as_bytes());
-        (is_server && on_port).then_some(pid)
-    })
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_server = args.first()?.ends_with(b"nats-server");
+            let on_port = args
+                .windows(2)
+                .any(|w| w[0] == b"-p" && w[1] == port.as_bytes());
+            (is_server && on_port).then_some(pid)
+        })
+}
+
+/// Busy CPU seconds of the whole machine (user, nice, system, irq, softirq) and stolen seconds, from /proc/stat.
+fn system_cpu_seconds() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| fields.get(i).copied().unwrap_or(0.0))
+        .sum::<f64>();
+    let steal = fields.get(7).copied().unwrap_or(0.0);
+    Some((busy / clock_ticks(), steal / clock_ticks()))
 }
 
 fn self_cpu_seconds() -> Option<f64> {

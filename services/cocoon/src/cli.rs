@@ -16,7 +16,12 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
     /// NATS server URL.
-    #[arg(long, env = "COCOON_NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    #[arg(
+        long,
+        env = "COCOON_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
     pub nats_url: String,
     /// Postgres URL of the read models.
     #[arg(

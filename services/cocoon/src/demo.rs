@@ -92,14 +92,26 @@ pub async fn run(conn: &Connection, tasks: usize) -> anyhow::Result<()> {
                 attempt: 1,
                 allocator_epoch: 1,
                 gpu_indices: vec![0],
-                score: ScoreBreakdown { total: 1.0, load: 0.3, memory: 0.3, history: 0.2, latency: 0.1, affinity: 0.1 },
+                score: ScoreBreakdown {
+                    total: 1.0,
+                    load: 0.3,
+                    memory: 0.3,
+                    history: 0.2,
+                    latency: 0.1,
+                    affinity: 0.1,
+                },
                 spec: events::sample::task_spec(32),
             },
         );
         let started = EventRecord::caused_by(
             &allocated.envelope,
             producer.clone(),
-            TaskStarted { task_id, worker_id: worker.clone(), attempt: 1, gpu_indices: vec![0] },
+            TaskStarted {
+                task_id,
+                worker_id: worker.clone(),
+                attempt: 1,
+                gpu_indices: vec![0],
+            },
         );
         let gpu_millis = GpuMillis(1_000 * (i as u64 + 1));
         let completed = EventRecord::caused_by(
@@ -109,7 +121,11 @@ pub async fn run(conn: &Connection, tasks: usize) -> anyhow::Result<()> {
                 task_id,
                 worker_id: worker.clone(),
                 attempt: 1,
-                usage: Usage { gpu_millis, peak_gpu_memory_mib: None, wall_ms: gpu_millis.0 },
+                usage: Usage {
+                    gpu_millis,
+                    peak_gpu_memory_mib: None,
+                    wall_ms: gpu_millis.0,
+                },
             },
         );
         let output = format!("demo output of task {task_id}").into_bytes();
@@ -132,6 +148,7 @@ pub async fn run(conn: &Connection, tasks: usize) -> anyhow::Result<()> {
             PaymentAccrued {
                 task_id,
                 worker_id: worker.clone(),
+                attempt: 1,
                 gpu_millis,
                 price_per_gpu_second: price,
                 amount: gpu_millis.cost(price).context("amount overflows")?,
@@ -162,11 +179,20 @@ pub async fn run(conn: &Connection, tasks: usize) -> anyhow::Result<()> {
     for record in &records {
         receipts.push((record.event.kind(), publisher.publish(record).await?));
     }
-    publisher.flush().await.context("publishing the demo events")?;
+    publisher
+        .flush()
+        .await
+        .context("publishing the demo events")?;
     for (kind, receipt) in receipts {
         let position = receipt.await?;
-        println!("published {kind:<22} -> {} seq {} #{}", position.stream, position.sequence, position.index);
+        println!(
+            "published {kind:<22} -> {} seq {} #{}",
+            position.stream, position.sequence, position.index
+        );
     }
-    println!("{} events published; read them back with `cocoon events dump`", records.len());
+    println!(
+        "{} events published; read them back with `cocoon events dump`",
+        records.len()
+    );
     Ok(())
 }

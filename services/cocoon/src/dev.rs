@@ -24,7 +24,9 @@ pub fn stack_script() -> anyhow::Result<PathBuf> {
             }
         }
     }
-    let built_from = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel);
+    let built_from = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel);
     if built_from.is_file() {
         return Ok(built_from);
     }
@@ -60,7 +62,11 @@ pub async fn up(conn: &Connection) -> anyhow::Result<()> {
         migrations.applied.len(),
         migrations.already_applied
     );
-    println!("ready: NATS {}  Postgres {}", conn.nats_url, redact(&conn.database_url));
+    println!(
+        "ready: NATS {}  Postgres {}",
+        conn.nats_url,
+        redact(&conn.database_url)
+    );
     Ok(())
 }
 
@@ -79,7 +85,10 @@ pub async fn status(conn: &Connection) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(3));
     }
     let bus = crate::connect(conn).await?;
-    println!("{:<14} {:>10} {:>12} {:>10} {:>10}", "stream", "frames", "bytes", "first", "last");
+    println!(
+        "{:<14} {:>10} {:>12} {:>10} {:>10}",
+        "stream", "frames", "bytes", "first", "last"
+    );
     for stream in events::Stream::ALL {
         match bus.jetstream.get_stream(stream.name()).await {
             Ok(mut s) => {
@@ -129,7 +138,10 @@ pub fn redact(url: &str) -> String {
 mod tests {
     #[test]
     fn passwords_are_not_printed() {
-        assert_eq!(super::redact("postgres://u:secret@h:1/db"), "postgres://u:***@h:1/db");
+        assert_eq!(
+            super::redact("postgres://u:secret@h:1/db"),
+            "postgres://u:***@h:1/db"
+        );
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

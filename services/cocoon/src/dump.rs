@@ -71,8 +71,16 @@ impl Query {
                 bail!("unknown event type {t:?}");
             }
         }
-        let since = f.since.as_deref().map(|s| parse_instant(s, now)).transpose()?;
-        let until = f.until.as_deref().map(|s| parse_instant(s, now)).transpose()?;
+        let since = f
+            .since
+            .as_deref()
+            .map(|s| parse_instant(s, now))
+            .transpose()?;
+        let until = f
+            .until
+            .as_deref()
+            .map(|s| parse_instant(s, now))
+            .transpose()?;
         if let (Some(a), Some(b)) = (f.from_seq, f.to_seq)
             && a > b
         {
@@ -147,7 +155,12 @@ pub async fn dump(
     if query.follow {
         // Tail: all streams at once, interleaved as frames arrive.
         for &stream in &query.streams {
-            readers.push(tokio::spawn(read_stream(js.clone(), stream, query.clone(), tx.clone())));
+            readers.push(tokio::spawn(read_stream(
+                js.clone(),
+                stream,
+                query.clone(),
+                tx.clone(),
+            )));
         }
     } else {
         // Dump: one stream after the other, so the output is deterministic.
@@ -206,7 +219,10 @@ pub async fn dump(
             out.flush()?;
         } else if last_progress.elapsed() > Duration::from_secs(2) {
             last_progress = Instant::now();
-            let progress = Summary { elapsed: started.elapsed(), ..summary };
+            let progress = Summary {
+                elapsed: started.elapsed(),
+                ..summary
+            };
             eprintln!("… {progress}");
         }
     }
@@ -253,8 +269,12 @@ async fn read_stream_inner(
         (true, to) => to.unwrap_or(u64::MAX),
     };
     let deliver_policy = match (query.from_seq, query.since, query.follow) {
-        (Some(seq), _, _) => DeliverPolicy::ByStartSequence { start_sequence: seq.max(1) },
-        (None, Some(since), _) => DeliverPolicy::ByStartTime { start_time: to_offset(since)? },
+        (Some(seq), _, _) => DeliverPolicy::ByStartSequence {
+            start_sequence: seq.max(1),
+        },
+        (None, Some(since), _) => DeliverPolicy::ByStartTime {
+            start_time: to_offset(since)?,
+        },
         (None, None, true) => DeliverPolicy::New,
         (None, None, false) => DeliverPolicy::All,
     };

@@ -32,7 +32,8 @@ impl Shutdown {
     }
 
     pub fn trigger(&self) {
-        self.triggered.store(true, std::sync::atomic::Ordering::Release);
+        self.triggered
+            .store(true, std::sync::atomic::Ordering::Release);
         self.notify.notify_waiters();
     }
 
@@ -59,7 +60,9 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
             DevCommand::Up => dev::up(&cli.conn).await.map(|()| ExitCode::SUCCESS),
             DevCommand::Down => dev::down().map(|()| ExitCode::SUCCESS),
             DevCommand::Status => dev::status(&cli.conn).await,
-            DevCommand::Demo { tasks } => demo::run(&cli.conn, tasks).await.map(|()| ExitCode::SUCCESS),
+            DevCommand::Demo { tasks } => demo::run(&cli.conn, tasks)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         },
         Command::Events { command } => {
             let (filter, follow) = match command {
@@ -98,5 +101,7 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
 pub async fn connect(conn: &cli::Connection) -> anyhow::Result<bus::Bus> {
     bus::Bus::connect(&bus::BusConfig::new(&conn.nats_url, "cocoon-cli"))
         .await
-        .with_context(|| "is the stack running? start it with `cocoon dev up` or `infra/stack.sh up`")
+        .with_context(
+            || "is the stack running? start it with `cocoon dev up` or `infra/stack.sh up`",
+        )
 }

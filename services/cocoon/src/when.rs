@@ -16,10 +16,14 @@ pub fn parse_instant(s: &str, now: Timestamp) -> anyhow::Result<Timestamp> {
         ));
     }
     let age = parse_age(s).with_context(|| {
-        format!("{s:?} is neither an RFC 3339 time (2026-11-22T21:00:00Z) nor an age (90s, 15m, 2h, 1d)")
+        format!(
+            "{s:?} is neither an RFC 3339 time (2026-11-22T21:00:00Z) nor an age (90s, 15m, 2h, 1d)"
+        )
     })?;
     let micros = i64::try_from(age.as_micros()).context("age too large")?;
-    Ok(Timestamp::from_micros(now.as_micros().saturating_sub(micros)))
+    Ok(Timestamp::from_micros(
+        now.as_micros().saturating_sub(micros),
+    ))
 }
 
 fn parse_age(s: &str) -> anyhow::Result<Duration> {

@@ -34,7 +34,9 @@ async fn publish_samples(bus: &Bus) -> usize {
 async fn run(bus: &Bus, filter: Filter) -> Vec<Value> {
     let query = Query::from_filter(&filter, false).unwrap();
     let mut out = Vec::new();
-    dump(&bus.jetstream, &query, &mut out, Shutdown::new()).await.unwrap();
+    dump(&bus.jetstream, &query, &mut out, Shutdown::new())
+        .await
+        .unwrap();
     String::from_utf8(out)
         .unwrap()
         .lines()
@@ -43,7 +45,10 @@ async fn run(bus: &Bus, filter: Filter) -> Vec<Value> {
 }
 
 fn types(lines: &[Value]) -> Vec<String> {
-    lines.iter().map(|l| l["type"].as_str().unwrap_or("<error>").to_owned()).collect()
+    lines
+        .iter()
+        .map(|l| l["type"].as_str().unwrap_or("<error>").to_owned())
+        .collect()
 }
 
 #[tokio::test]
@@ -54,7 +59,10 @@ async fn dump_prints_every_event_as_a_json_line() {
     assert_eq!(lines.len(), published);
     let mut kinds = types(&lines);
     kinds.sort();
-    let mut expected: Vec<String> = events::EVENT_KINDS.iter().map(|k| k.name.to_owned()).collect();
+    let mut expected: Vec<String> = events::EVENT_KINDS
+        .iter()
+        .map(|k| k.name.to_owned())
+        .collect();
     expected.sort();
     assert_eq!(kinds, expected);
     let first = &lines[0];
@@ -71,43 +79,116 @@ async fn dump_filters_by_stream_subject_type_sequence_time_and_limit() {
     publish_samples(&bus).await;
     publish_samples(&bus).await; // a second copy of every frame, at later sequences
 
-    let payments = run(&bus, Filter { streams: vec!["payments".into()], ..Default::default() }).await;
+    let payments = run(
+        &bus,
+        Filter {
+            streams: vec!["payments".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(payments.len(), 12);
     assert!(payments.iter().all(|l| l["stream"] == "PAYMENTS"));
 
-    let results = run(&bus, Filter { subjects: vec!["results.*".into()], ..Default::default() }).await;
+    let results = run(
+        &bus,
+        Filter {
+            subjects: vec!["results.*".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(types(&results), vec!["TaskResult", "TaskResult"]);
-    let none = run(&bus, Filter { subjects: vec!["results.nobody".into()], ..Default::default() }).await;
+    let none = run(
+        &bus,
+        Filter {
+            subjects: vec!["results.nobody".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(none.is_empty());
 
-    let started = run(&bus, Filter { types: vec!["TaskStarted".into()], ..Default::default() }).await;
+    let started = run(
+        &bus,
+        Filter {
+            types: vec!["TaskStarted".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(types(&started), vec!["TaskStarted", "TaskStarted"]);
 
     // The tasks stream holds two frames (one per publish); sequence 2 is the second.
     let second = run(
         &bus,
-        Filter { streams: vec!["tasks".into()], from_seq: Some(2), to_seq: Some(2), ..Default::default() },
+        Filter {
+            streams: vec!["tasks".into()],
+            from_seq: Some(2),
+            to_seq: Some(2),
+            ..Default::default()
+        },
     )
     .await;
     assert_eq!(second.len(), 9);
     assert!(second.iter().all(|l| l["seq"] == 2));
 
-    let limited = run(&bus, Filter { limit: Some(3), ..Default::default() }).await;
+    let limited = run(
+        &bus,
+        Filter {
+            limit: Some(3),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(limited.len(), 3);
 
-    let future = run(&bus, Filter { since: Some("2100-01-01T00:00:00Z".into()), ..Default::default() }).await;
+    let future = run(
+        &bus,
+        Filter {
+            since: Some("2100-01-01T00:00:00Z".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(future.is_empty());
-    let past = run(&bus, Filter { until: Some("2000-01-01T00:00:00Z".into()), ..Default::default() }).await;
+    let past = run(
+        &bus,
+        Filter {
+            until: Some("2000-01-01T00:00:00Z".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(past.is_empty());
-    let recent = run(&bus, Filter { since: Some("1h".into()), ..Default::default() }).await;
+    let recent = run(
+        &bus,
+        Filter {
+            since: Some("1h".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(recent.len(), 2 * events::EVENT_KINDS.len());
 }
 
 #[tokio::test]
 async fn undecodable_frames_are_shown_with_their_reason() {
     let (_server, bus) = stack().await;
-    bus.jetstream.publish("tasks.1", "not a frame".into()).await.unwrap().await.unwrap();
-    let lines = run(&bus, Filter { streams: vec!["tasks".into()], ..Default::default() }).await;
+    bus.jetstream
+        .publish("tasks.1", "not a frame".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let lines = run(
+        &bus,
+        Filter {
+            streams: vec!["tasks".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["error"]["kind"], "missing_header");
     assert_eq!(lines[0]["seq"], 1);
@@ -116,18 +197,57 @@ async fn undecodable_frames_are_shown_with_their_reason() {
 #[tokio::test]
 async fn bad_filters_are_refused_with_what_was_wrong() {
     let err = |f: Filter| Query::from_filter(&f, false).unwrap_err().to_string();
-    assert!(err(Filter { streams: vec!["nope".into()], ..Default::default() }).contains("unknown stream"));
-    assert!(err(Filter { types: vec!["TaskExploded".into()], ..Default::default() }).contains("unknown event type"));
-    assert!(err(Filter { since: Some("yesterday".into()), ..Default::default() }).contains("RFC 3339"));
-    assert!(err(Filter { from_seq: Some(5), to_seq: Some(2), ..Default::default() }).contains("after"));
-    assert!(err(Filter { subjects: vec!["bogus.1".into()], ..Default::default() }).contains("no stream"));
+    assert!(
+        err(Filter {
+            streams: vec!["nope".into()],
+            ..Default::default()
+        })
+        .contains("unknown stream")
+    );
+    assert!(
+        err(Filter {
+            types: vec!["TaskExploded".into()],
+            ..Default::default()
+        })
+        .contains("unknown event type")
+    );
+    assert!(
+        err(Filter {
+            since: Some("yesterday".into()),
+            ..Default::default()
+        })
+        .contains("RFC 3339")
+    );
+    assert!(
+        err(Filter {
+            from_seq: Some(5),
+            to_seq: Some(2),
+            ..Default::default()
+        })
+        .contains("after")
+    );
+    assert!(
+        err(Filter {
+            subjects: vec!["bogus.1".into()],
+            ..Default::default()
+        })
+        .contains("no stream")
+    );
 }
 
 #[tokio::test]
 async fn tail_prints_frames_published_after_it_started() {
     let (_server, bus) = stack().await;
     publish_samples(&bus).await; // history that tail must not print
-    let query = Query::from_filter(&Filter { streams: vec!["workers".into()], limit: Some(3), ..Default::default() }, true).unwrap();
+    let query = Query::from_filter(
+        &Filter {
+            streams: vec!["workers".into()],
+            limit: Some(3),
+            ..Default::default()
+        },
+        true,
+    )
+    .unwrap();
     let js = bus.jetstream.clone();
     let tail = tokio::spawn(async move {
         let mut out = Vec::new();
@@ -136,11 +256,17 @@ async fn tail_prints_frames_published_after_it_started() {
     });
     // Keep publishing heartbeats until the tail has seen three of them (it may start after the first).
     let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default()).unwrap();
-    let heartbeat = all_records().into_iter().find(|r| r.event.kind() == "WorkerHeartbeat").unwrap();
+    let heartbeat = all_records()
+        .into_iter()
+        .find(|r| r.event.kind() == "WorkerHeartbeat")
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut tail = tail;
     let out = loop {
-        assert!(tokio::time::Instant::now() < deadline, "tail printed nothing new");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tail printed nothing new"
+        );
         let mut r = heartbeat.clone();
         r.envelope.event_id = events::EventId::new();
         drop(publisher.publish(&r).await.unwrap());
@@ -149,7 +275,10 @@ async fn tail_prints_frames_published_after_it_started() {
             break String::from_utf8(done.unwrap()).unwrap();
         }
     };
-    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(types(&lines), vec!["WorkerHeartbeat"; 3]);
     // The historic frame (sequence 1) was not printed.
     assert!(lines.iter().all(|l| l["seq"].as_u64().unwrap() > 1));
@@ -167,7 +296,10 @@ async fn tail_stops_on_shutdown() {
         dump(&js, &query, &mut out, stop).await.unwrap()
     });
     shutdown.trigger();
-    let summary = tokio::time::timeout(Duration::from_secs(10), tail).await.unwrap().unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(10), tail)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(summary.events, 0);
 }
 
@@ -178,17 +310,35 @@ fn the_binary_dumps_and_reports_bad_input() {
     rt.block_on(publish_samples(&bus));
     let bin = env!("CARGO_BIN_EXE_cocoon");
     let out = std::process::Command::new(bin)
-        .args(["--nats-url", &server.url(), "events", "dump", "--stream", "results"])
+        .args([
+            "--nats-url",
+            &server.url(),
+            "events",
+            "dump",
+            "--stream",
+            "results",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 1);
     assert!(stdout.contains("\"type\":\"TaskResult\""));
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 events from 1 frames"));
 
     let bad = std::process::Command::new(bin)
-        .args(["--nats-url", &server.url(), "events", "dump", "--stream", "nope"])
+        .args([
+            "--nats-url",
+            &server.url(),
+            "events",
+            "dump",
+            "--stream",
+            "nope",
+        ])
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
