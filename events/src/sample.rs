@@ -301,3 +301,258 @@ pub fn task_submitted_of_size(size: usize) -> EventRecord {
         },
     )
 }
+
+/// A coherent slice of the pool's life across every stream, for projection tests and benchmarks:
+/// `workers` workers register, attest and heartbeat; `tasks` tasks are submitted, allocated, started and
+/// completed (every fifth fails once and is requeued, every seventh is cancelled instead); completed tasks
+/// accrue, produce a result, and each worker's accruals are settled and confirmed.
+pub fn lifecycle(tasks: usize, workers: usize) -> Vec<EventRecord> {
+    use crate::payload::Blob;
+    let workers = workers.max(1);
+    let producer = ProducerId::new("scenario").expect("valid id");
+    let mut out = Vec::new();
+    let worker_ids: Vec<WorkerId> = (0..workers)
+        .map(|w| WorkerId::new(format!("w{w}")).expect("valid id"))
+        .collect();
+    for (w, worker_id) in worker_ids.iter().enumerate() {
+        let registered = EventRecord::new(
+            producer.clone(),
+            WorkerRegistered {
+                worker_id: worker_id.clone(),
+                gpus: vec![GpuInfo {
+                    index: 0,
+                    uuid: format!("GPU-{w}"),
+                    name: "simulated".into(),
+                    memory_total_mib: 81_920,
+                    simulated: true,
+                }],
+                price_per_gpu_second: Nanoton(1_000 + w as u64),
+                payout_address: format!("UQ-worker-{w}"),
+                region: "local".into(),
+                max_concurrent_tasks: 4,
+                public_key: vec![w as u8; 32],
+                agent_version: "test".into(),
+            },
+        );
+        let submitted = EventRecord::caused_by(
+            &registered.envelope,
+            producer.clone(),
+            AttestationSubmitted {
+                worker_id: worker_id.clone(),
+                quote: vec![w as u8; 64],
+                public_key: vec![w as u8; 32],
+                nonce: vec![1; 32],
+            },
+        );
+        let verified = EventRecord::caused_by(
+            &submitted.envelope,
+            producer.clone(),
+            AttestationVerified {
+                worker_id: worker_id.clone(),
+                quote_hash: format!("{w:064x}"),
+                tcb_status: "UpToDate".into(),
+                measurements: Measurements {
+                    mrtd: "00".repeat(48),
+                    rtmr0: "01".repeat(48),
+                    rtmr1: "02".repeat(48),
+                    rtmr2: "03".repeat(48),
+                    rtmr3: "04".repeat(48),
+                },
+                valid_until: Timestamp(T0 + 86_400_000_000),
+            },
+        );
+        out.extend([registered, submitted, verified]);
+    }
+    let client = client();
+    let mut earned: Vec<(Nanoton, Vec<TaskId>)> = vec![(Nanoton(0), Vec::new()); workers];
+    for t in 0..tasks {
+        let task_id = TaskId::new();
+        let w = t % workers;
+        let worker_id = &worker_ids[w];
+        let submitted = EventRecord::new(
+            producer.clone(),
+            TaskSubmitted {
+                task_id,
+                client_id: client.clone(),
+                spec: task_spec(32),
+            },
+        );
+        let mut attempt = 1;
+        let allocate = |attempt: u32, cause: &EventRecord| {
+            EventRecord::caused_by(
+                &cause.envelope,
+                producer.clone(),
+                TaskAllocated {
+                    task_id,
+                    client_id: client.clone(),
+                    worker_id: worker_id.clone(),
+                    attempt,
+                    allocator_epoch: 1,
+                    gpu_indices: vec![0],
+                    score: ScoreBreakdown {
+                        total: 0.9,
+                        load: 0.3,
+                        memory: 0.3,
+                        history: 0.1,
+                        latency: 0.1,
+                        affinity: 0.1,
+                    },
+                    spec: task_spec(32),
+                },
+            )
+        };
+        let first = allocate(attempt, &submitted);
+        out.push(submitted);
+        if t % 7 == 6 {
+            out.push(first.clone());
+            out.push(EventRecord::caused_by(
+                &first.envelope,
+                producer.clone(),
+                TaskCancelled {
+                    task_id,
+                    reason: "client request".into(),
+                },
+            ));
+            continue;
+        }
+        let mut alloc = first;
+        if t % 5 == 4 {
+            let started = EventRecord::caused_by(
+                &alloc.envelope,
+                producer.clone(),
+                TaskStarted {
+                    task_id,
+                    worker_id: worker_id.clone(),
+                    attempt,
+                    gpu_indices: vec![0],
+                },
+            );
+            let failed = EventRecord::caused_by(
+                &started.envelope,
+                producer.clone(),
+                TaskFailed {
+                    task_id,
+                    worker_id: Some(worker_id.clone()),
+                    attempt,
+                    reason: "exit status 1".into(),
+                    retryable: true,
+                },
+            );
+            let requeued = EventRecord::caused_by(
+                &failed.envelope,
+                producer.clone(),
+                TaskRequeued {
+                    task_id,
+                    attempt,
+                    previous_worker: Some(worker_id.clone()),
+                    reason: RequeueReason::RetryableFailure,
+                },
+            );
+            attempt += 1;
+            let second = allocate(attempt, &requeued);
+            out.extend([alloc, started, failed, requeued]);
+            alloc = second;
+        }
+        let started = EventRecord::caused_by(
+            &alloc.envelope,
+            producer.clone(),
+            TaskStarted {
+                task_id,
+                worker_id: worker_id.clone(),
+                attempt,
+                gpu_indices: vec![0],
+            },
+        );
+        let gpu_millis = GpuMillis(1_000 + t as u64);
+        let price = Nanoton(1_000 + w as u64);
+        let completed = EventRecord::caused_by(
+            &started.envelope,
+            producer.clone(),
+            TaskCompleted {
+                task_id,
+                worker_id: worker_id.clone(),
+                attempt,
+                usage: Usage {
+                    gpu_millis,
+                    peak_gpu_memory_mib: Some(1_024),
+                    wall_ms: 1_000,
+                },
+            },
+        );
+        let result = EventRecord::caused_by(
+            &completed.envelope,
+            producer.clone(),
+            TaskResult {
+                task_id,
+                client_id: client.clone(),
+                worker_id: worker_id.clone(),
+                attempt,
+                output: Blob::Inline(vec![t as u8; 16]),
+                checksum: format!("sha256:{t:064x}"),
+                truncated: false,
+            },
+        );
+        let amount = gpu_millis.cost(price).expect("small numbers");
+        let accrued = EventRecord::caused_by(
+            &completed.envelope,
+            producer.clone(),
+            PaymentAccrued {
+                task_id,
+                worker_id: worker_id.clone(),
+                attempt,
+                gpu_millis,
+                price_per_gpu_second: price,
+                amount,
+            },
+        );
+        earned[w].0 = Nanoton(earned[w].0.0 + amount.0);
+        earned[w].1.push(task_id);
+        out.extend([alloc, started, completed, result, accrued]);
+    }
+    let payouts: Vec<Payout> = earned
+        .iter()
+        .enumerate()
+        .filter(|(_, (amount, _))| amount.0 > 0)
+        .map(|(w, (amount, tasks))| Payout {
+            worker_id: worker_ids[w].clone(),
+            destination: format!("UQ-worker-{w}"),
+            amount: *amount,
+            task_ids: tasks.clone(),
+        })
+        .collect();
+    if !payouts.is_empty() {
+        let settlement_id = SettlementId::new();
+        let prepared = EventRecord::new(
+            producer.clone(),
+            SettlementPrepared {
+                settlement_id,
+                wallet_seqno: 1,
+                valid_until: Timestamp(T0 + 60_000_000),
+                payouts: payouts.into_iter().take(255).collect(),
+                signed_message: vec![0xb5, 0xee],
+                message_hash: "ab".repeat(32),
+            },
+        );
+        let sent = EventRecord::caused_by(
+            &prepared.envelope,
+            producer.clone(),
+            SettlementSubmitted {
+                settlement_id,
+                message_hash: "ab".repeat(32),
+                send_attempt: 1,
+            },
+        );
+        let confirmed = EventRecord::caused_by(
+            &sent.envelope,
+            producer.clone(),
+            SettlementConfirmed {
+                settlement_id,
+                tx_hash: "cd".repeat(32),
+                logical_time: 42,
+                failed_transfers: vec![],
+            },
+        );
+        out.extend([prepared, sent, confirmed]);
+    }
+    out
+}

@@ -71,6 +71,7 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(6, "results", "0006_results.sql"),
     migration!(7, "payments", "0007_payments.sql"),
     migration!(8, "dashboard", "0008_dashboard.sql"),
+    migration!(9, "projection_ordering", "0009_projection_ordering.sql"),
 ];
 
 /// What a [`migrate`] call did.

@@ -25,7 +25,11 @@ const EXPECTED_TABLES: &[&str] = &[
     "workers",
 ];
 
-const EXPECTED_VIEWS: &[&str] = &["dashboard_stats", "task_status_totals"];
+const EXPECTED_VIEWS: &[&str] = &[
+    "dashboard_stats",
+    "task_status_totals",
+    "worker_attestation_state",
+];
 
 fn all_versions() -> Vec<u32> {
     MIGRATIONS.iter().map(|m| m.version).collect()
@@ -333,6 +337,7 @@ async fn migrations_follow_the_search_path() {
             "dashboard_stats -> shadow",
             "settlement_payouts -> settlements",
             "task_status_totals -> shadow",
+            "worker_attestation_state -> shadow",
         ]
     );
 }

@@ -170,6 +170,32 @@ impl FrameConsumer {
         })
     }
 
+    /// Deletes the durable consumer if it exists and creates it anew from `spec`, so that its position is
+    /// `spec.start` (e.g. a database checkpoint) rather than its old ack floor.
+    pub async fn recreate(
+        js: &jetstream::Context,
+        spec: &ConsumerSpec,
+    ) -> Result<Self, ConsumeError> {
+        let stream_name = spec.stream.name();
+        let stream = js
+            .get_stream(stream_name)
+            .await
+            .map_err(|_| ConsumeError::NoStream {
+                stream: stream_name,
+            })?;
+        if stream.consumer_info(&spec.durable).await.is_ok() {
+            stream
+                .delete_consumer(&spec.durable)
+                .await
+                .map_err(|e| ConsumeError::Consumer {
+                    stream: stream_name,
+                    durable: spec.durable.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Self::bind(js, spec).await
+    }
+
     pub fn durable(&self) -> &str {
         &self.durable
     }

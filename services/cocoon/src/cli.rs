@@ -78,6 +78,36 @@ pub enum EventsCommand {
     Dump(Filter),
     /// Follow the log: print new events as JSON lines until interrupted.
     Tail(Filter),
+    /// Write frames of the log to a compressed file (zstd, MessagePack records), to move or inspect offline.
+    Export(ExportArgs),
+    /// Publish the frames of an export file, as they were stored, into (empty) streams.
+    Import(ImportArgs),
+}
+
+/// `events export`: the file and which frames.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// File to write; `-` writes to stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: std::path::PathBuf,
+    /// Which frames (--type and --limit are refused: export moves whole frames).
+    #[command(flatten)]
+    pub filter: Filter,
+}
+
+/// `events import`: the file and where it may go.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// Export file to read (a file, not stdin: it is checked whole before anything is published).
+    #[arg(long, short = 'i', value_name = "FILE")]
+    pub input: std::path::PathBuf,
+    /// Import only these streams of the file (tasks, allocations, ...); repeatable. Default: all of them.
+    #[arg(long = "stream", short = 's', value_name = "STREAM")]
+    pub streams: Vec<String>,
+    /// Import into streams that already hold messages (frames they hold are dropped as duplicates only
+    /// within the duplicate window).
+    #[arg(long)]
+    pub allow_non_empty: bool,
 }
 
 /// Which events to print. Filters combine with AND.

@@ -1,7 +1,8 @@
 //! `cocoon`: the operator command line of Cocoon GPU Pool.
 //!
-//! - consumes: any stream, read-only, through ephemeral ordered consumers (`events dump|tail`);
-//! - produces: sample events (`dev demo`) and stream definitions (`provision`);
+//! - consumes: any stream, read-only, through ephemeral ordered consumers (`events dump|tail|export`);
+//! - produces: sample events (`dev demo`), stream definitions (`provision`) and frames of an export file,
+//!   republished as they were stored (`events import`);
 //! - owns: nothing; it drives `infra/stack.sh` for the embedded stack and the `schemas` migrator;
 //! - guarantees: reading the log never moves a durable consumer and never acks anything.
 
@@ -9,6 +10,7 @@ pub mod cli;
 pub mod demo;
 pub mod dev;
 pub mod dump;
+pub mod export;
 pub mod when;
 
 use std::process::ExitCode;
@@ -68,6 +70,12 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
             let (filter, follow) = match command {
                 EventsCommand::Dump(f) => (f, false),
                 EventsCommand::Tail(f) => (f, true),
+                EventsCommand::Export(args) => {
+                    return export::export_command(&cli.conn, &args, shutdown).await;
+                }
+                EventsCommand::Import(args) => {
+                    return export::import_command(&cli.conn, &args, shutdown).await;
+                }
             };
             let query = dump::Query::from_filter(&filter, follow)?;
             let bus = connect(&cli.conn).await?;

@@ -1,0 +1,153 @@
+//! `projector`: builds the Postgres read models from the event log, exactly once.
+//!
+//! - consumes: every event stream (TASKS, ALLOCATIONS, RESULTS, WORKERS, ATTESTATIONS, PAYMENTS), through
+//!   one durable pull consumer per (projection, stream, partition set);
+//! - produces: dead letters (DEAD_LETTERS stream and `dead_letters` table) for frames it cannot apply;
+//! - owns: the read-model tables of its projections, their checkpoints, and the dashboard counters (kept by
+//!   triggers on those tables);
+//! - guarantees: rows and the checkpoint of each (projection, stream, partition) commit in one transaction,
+//!   and only then is the batch acked; a frame at or below its checkpoint changes nothing; on start each
+//!   consumer begins after the database checkpoint, not its ack floor; rows converge whatever the
+//!   interleaving of streams (see [`fold`]).
+
+pub mod fold;
+pub mod metrics;
+pub mod projection;
+pub mod store;
+pub mod verify;
+pub mod worker;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use events::{CodecConfig, Partitions};
+use tokio_util::sync::CancellationToken;
+
+pub use projection::{ConsumerPlan, Projection, plan};
+
+/// Dead-letter headers: where the frame came from and why it could not be applied.
+pub const DL_PROJECTION: &str = "Cocoon-DL-Projection";
+pub const DL_STREAM: &str = "Cocoon-DL-Stream";
+pub const DL_SUBJECT: &str = "Cocoon-DL-Subject";
+pub const DL_SEQUENCE: &str = "Cocoon-DL-Sequence";
+pub const DL_KIND: &str = "Cocoon-DL-Kind";
+pub const DL_REASON: &str = "Cocoon-DL-Reason";
+
+/// The projector's settings.
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    pub nats_url: String,
+    pub database_url: String,
+    /// Schema the read models live in (a rebuild writes a shadow schema).
+    pub schema: String,
+    pub projections: Vec<Projection>,
+    /// Partition workers: partition p of each stream belongs to worker p mod `workers`.
+    pub workers: usize,
+    pub partitions: Partitions,
+    /// Frames fetched per batch (each frame holds up to 50 events).
+    pub batch_frames: usize,
+    /// How long a fetch waits for the first frame.
+    pub fetch_wait: Duration,
+    /// Prefix of durable consumer names; a rebuild uses its own.
+    pub durable_prefix: String,
+    pub codec: CodecConfig,
+    /// Run the migrations on start.
+    pub migrate: bool,
+}
+
+impl ProjectorConfig {
+    pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            database_url: database_url.into(),
+            schema: "public".into(),
+            projections: Projection::ALL.to_vec(),
+            workers: 2,
+            partitions: Partitions::DEFAULT,
+            batch_frames: 200,
+            fetch_wait: Duration::from_millis(500),
+            durable_prefix: "projector".into(),
+            codec: CodecConfig::default(),
+            migrate: true,
+        }
+    }
+}
+
+/// A pool whose connections use `schema` as their search path.
+pub fn pool(
+    database_url: &str,
+    schema: &str,
+    size: usize,
+) -> anyhow::Result<deadpool_postgres::Pool> {
+    let mut pg: tokio_postgres::Config = database_url.parse().context("invalid database URL")?;
+    if !schema
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        || schema.is_empty()
+    {
+        anyhow::bail!("invalid schema name {schema:?}");
+    }
+    pg.options(format!("-c search_path={schema}"));
+    let manager = deadpool_postgres::Manager::from_config(
+        pg,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .context("building the pool")
+}
+
+/// Runs the projector until `shutdown` (or, with `until_idle`, until every consumer has drained its stream).
+pub async fn run(
+    config: ProjectorConfig,
+    shutdown: CancellationToken,
+    until_idle: bool,
+) -> anyhow::Result<()> {
+    let plans = plan(&config.projections, config.workers, config.partitions);
+    let pool = pool(&config.database_url, &config.schema, plans.len() + 2)?;
+    if config.migrate {
+        let mut client = pool.get().await.context("connecting to Postgres")?;
+        if config.schema != "public" {
+            client
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", config.schema))
+                .await?;
+        }
+        schemas::migrate(&mut client).await?;
+    }
+    let bus = bus::Bus::connect(&bus::BusConfig::new(&config.nats_url, "projector")).await?;
+    bus::provision_streams(&bus.jetstream, 1).await.ok();
+    let ctx = worker::Ctx {
+        pool,
+        js: bus.jetstream.clone(),
+        codec: config.codec,
+        batch_frames: config.batch_frames,
+        fetch_wait: config.fetch_wait,
+        durable_prefix: config.durable_prefix.clone(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in plans {
+        tasks.spawn(worker::run_consumer(
+            ctx.clone(),
+            p,
+            shutdown.clone(),
+            until_idle,
+        ));
+    }
+    let mut first_error = None;
+    while let Some(done) = tasks.join_next().await {
+        let result = done.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = result {
+            tracing::error!(error = %e, "consumer stopped");
+            first_error.get_or_insert(e);
+            shutdown.cancel();
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,191 @@
+//! The projections: which streams each reads, which tables it owns, and how its consumers are laid out.
+
+use std::fmt;
+
+use events::{Partitions, Stream, Subject, subjects::Addressing};
+
+/// A projection owns a set of tables and one checkpoint row per (stream, partition) it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Projection {
+    /// Tasks, their allocations and results.
+    Tasks,
+    /// Workers, their GPUs and attestations.
+    Workers,
+    /// Accruals, settlements and payouts.
+    Payments,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 3] = [Projection::Tasks, Projection::Workers, Projection::Payments];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Projection::Tasks => "tasks",
+            Projection::Workers => "workers",
+            Projection::Payments => "payments",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Projection> {
+        Projection::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    pub const fn streams(self) -> &'static [Stream] {
+        match self {
+            Projection::Tasks => &[Stream::Tasks, Stream::Allocations, Stream::Results],
+            Projection::Workers => &[Stream::Workers, Stream::Attestations],
+            Projection::Payments => &[Stream::Payments],
+        }
+    }
+
+    /// The tables whose rows this projection writes (its counters are derived from them by triggers).
+    pub const fn tables(self) -> &'static [&'static str] {
+        match self {
+            Projection::Tasks => &["tasks", "allocations", "task_results"],
+            Projection::Workers => &["workers", "worker_gpus", "attestations"],
+            Projection::Payments => &["payment_accruals", "settlements", "settlement_payouts"],
+        }
+    }
+}
+
+impl fmt::Display for Projection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One durable consumer: a projection, a stream, and the partitions of it that one worker owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerPlan {
+    pub projection: Projection,
+    pub stream: Stream,
+    /// Partition numbers owned; `[0]` for streams addressed by worker or client, read whole.
+    pub partitions: Vec<u16>,
+    pub worker: usize,
+    pub workers: usize,
+}
+
+impl ConsumerPlan {
+    /// The durable name. It carries the layout, so a changed worker count gets fresh consumers (which start
+    /// from the database checkpoints anyway).
+    pub fn durable(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}-{}-{}-{}of{}",
+            self.projection.name(),
+            self.stream.prefix(),
+            self.worker + 1,
+            self.workers
+        )
+    }
+
+    pub fn filter_subjects(&self) -> Vec<String> {
+        match self.stream.addressing() {
+            Addressing::Partitioned => self
+                .partitions
+                .iter()
+                .map(|&p| Subject::partition(self.stream, events::Partition(p)).to_string())
+                .collect(),
+            _ => vec![self.stream.filter()],
+        }
+    }
+
+    /// The checkpoint partition of a frame's subject.
+    pub fn partition_of(&self, subject: &str) -> u16 {
+        match self.stream.addressing() {
+            Addressing::Partitioned => Subject::partition_number(subject).map_or(0, |p| p.0),
+            _ => 0,
+        }
+    }
+}
+
+/// Splits every stream of `projections` over `workers` workers: partition p goes to worker p mod workers;
+/// whole streams (allocations, results) are spread by stream.
+pub fn plan(
+    projections: &[Projection],
+    workers: usize,
+    partitions: Partitions,
+) -> Vec<ConsumerPlan> {
+    let workers = workers.max(1);
+    let mut plans = Vec::new();
+    let mut whole = 0usize;
+    for &projection in projections {
+        for &stream in projection.streams() {
+            match stream.addressing() {
+                Addressing::Partitioned => {
+                    for worker in 0..workers {
+                        let owned: Vec<u16> = partitions
+                            .iter()
+                            .map(|p| p.0)
+                            .filter(|p| usize::from(*p) % workers == worker)
+                            .collect();
+                        if !owned.is_empty() {
+                            plans.push(ConsumerPlan {
+                                projection,
+                                stream,
+                                partitions: owned,
+                                worker,
+                                workers,
+                            });
+                        }
+                    }
+                }
+                _ => {
+                    plans.push(ConsumerPlan {
+                        projection,
+                        stream,
+                        partitions: vec![0],
+                        worker: whole % workers,
+                        workers,
+                    });
+                    whole += 1;
+                }
+            }
+        }
+    }
+    plans
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_partition_has_exactly_one_owner() {
+        for workers in 1..=3 {
+            let plans = plan(&Projection::ALL, workers, Partitions::DEFAULT);
+            for projection in Projection::ALL {
+                for &stream in projection.streams() {
+                    let mut owned: Vec<u16> = plans
+                        .iter()
+                        .filter(|p| p.projection == projection && p.stream == stream)
+                        .flat_map(|p| p.partitions.clone())
+                        .collect();
+                    owned.sort_unstable();
+                    let expected: Vec<u16> = match stream.addressing() {
+                        Addressing::Partitioned => (0..8).collect(),
+                        _ => vec![0],
+                    };
+                    assert_eq!(
+                        owned, expected,
+                        "{projection} {stream} with {workers} workers"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn subjects_and_partitions_agree() {
+        let plans = plan(&[Projection::Tasks], 2, Partitions::DEFAULT);
+        let p = plans
+            .iter()
+            .find(|p| p.stream == Stream::Tasks && p.worker == 1)
+            .unwrap();
+        assert_eq!(
+            p.filter_subjects(),
+            vec!["tasks.1", "tasks.3", "tasks.5", "tasks.7"]
+        );
+        assert_eq!(p.partition_of("tasks.5"), 5);
+        assert_eq!(p.durable("projector"), "projector-tasks-tasks-2of2");
+    }
+}

@@ -1,0 +1,63 @@
+//! Table fingerprints: row counts and a checksum per table, comparable across schemas (live vs shadow) and
+//! runs. Wall-clock bookkeeping (`updated_at`) is left out: it differs between two correct builds.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::GenericClient;
+
+/// Count and checksum of one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSum {
+    pub rows: i64,
+    pub md5: String,
+}
+
+/// Fingerprints `tables` in `schema`.
+pub async fn fingerprint(
+    client: &impl GenericClient,
+    schema: &str,
+    tables: &[&str],
+) -> Result<BTreeMap<String, TableSum>, tokio_postgres::Error> {
+    let mut out = BTreeMap::new();
+    for table in tables {
+        let columns: Vec<String> = client
+            .query(
+                "SELECT column_name::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = $2 AND column_name <> 'updated_at'
+                 ORDER BY ordinal_position",
+                &[&schema, table],
+            )
+            .await?
+            .iter()
+            .map(|r| format!("\"{}\"", r.get::<_, String>(0)))
+            .collect();
+        let sql = format!(
+            "SELECT count(*), coalesce(md5(string_agg(r::text, '|' ORDER BY r::text)), '')
+             FROM (SELECT {} FROM \"{schema}\".\"{table}\") r",
+            columns.join(", ")
+        );
+        let row = client.query_one(&sql, &[]).await?;
+        out.insert(
+            table.to_string(),
+            TableSum {
+                rows: row.get(0),
+                md5: row.get(1),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The tables whose fingerprints differ, with both sides.
+pub fn differences(
+    a: &BTreeMap<String, TableSum>,
+    b: &BTreeMap<String, TableSum>,
+) -> Vec<(String, Option<TableSum>, Option<TableSum>)> {
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| (k.clone(), a.get(k).cloned(), b.get(k).cloned()))
+        .collect()
+}

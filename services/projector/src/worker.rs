@@ -1,0 +1,433 @@
+//! One consumer task: fetch frames, apply them in one transaction with the checkpoint, commit, then ack.
+//!
+//! Errors are classified once, here: a frame that cannot be decoded or applied is permanent (dead-lettered,
+//! the projection goes on); a database or NATS failure is transient (the same batch is retried with
+//! backoff, nothing is skipped or acked).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bus::{ConsumerSpec, FrameConsumer, ReceivedFrame};
+use events::{CodecConfig, Timestamp};
+use tokio_postgres::Transaction;
+use tokio_util::sync::CancellationToken;
+
+use crate::fold::{Changes, Positioned};
+use crate::metrics as m;
+use crate::projection::ConsumerPlan;
+use crate::store::write_changes;
+
+/// What one consumer needs.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub pool: deadpool_postgres::Pool,
+    pub js: jetstream::Context,
+    pub codec: CodecConfig,
+    pub batch_frames: usize,
+    pub fetch_wait: Duration,
+    pub durable_prefix: String,
+}
+
+/// Why a batch did not commit; always retried.
+#[derive(Debug, thiserror::Error)]
+pub enum Transient {
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("dead-letter publish: {0}")]
+    DeadLetter(String),
+}
+
+/// What a committed batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub frames: usize,
+    pub skipped: usize,
+    pub dead_lettered: usize,
+    pub events: usize,
+}
+
+struct DeadLetter<'a> {
+    frame: &'a ReceivedFrame,
+    kind: &'static str,
+    reason: String,
+}
+
+/// A data or integrity error: the rows are wrong, not the connection, so retrying the same batch cannot help.
+fn is_permanent(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        let code = c.code();
+        code.starts_with("22") || code.starts_with("23")
+    })
+}
+
+/// Starts the consumer at the database checkpoint and runs until `shutdown`, or until the stream is drained when
+/// `until_idle` (catch-up mode for rebuilds and tests).
+pub async fn run_consumer(
+    ctx: Ctx,
+    plan: ConsumerPlan,
+    shutdown: CancellationToken,
+    until_idle: bool,
+) -> anyhow::Result<()> {
+    let start = checkpoint_floor(&ctx, &plan).await?;
+    let spec = ConsumerSpec::new(plan.stream, plan.durable(&ctx.durable_prefix))
+        .filter_subjects(plan.filter_subjects())
+        .start_after(start);
+    let consumer = FrameConsumer::recreate(&ctx.js, &spec).await?;
+    tracing::info!(
+        durable = consumer.durable(),
+        start_after = start,
+        "consumer started"
+    );
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let batch = tokio::select! {
+            batch = consumer.fetch(ctx.batch_frames, ctx.fetch_wait) => batch,
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(durable = consumer.durable(), error = %e, "fetch failed; retrying");
+                sleep_or_cancel(&shutdown, backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            if until_idle {
+                return Ok(());
+            }
+            continue;
+        }
+        // Apply until it commits: a transient failure retries the very same frames.
+        loop {
+            let started = Instant::now();
+            match apply_batch(&ctx, &plan, &batch.frames).await {
+                Ok(outcome) => {
+                    m::record_batch(&plan, &outcome, started.elapsed());
+                    backoff = Duration::from_millis(100);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(durable = consumer.durable(), error = %e, "batch not committed; retrying");
+                    m::record_retry(&plan);
+                    if shutdown.is_cancelled() {
+                        // Not committed, not acked: it will be delivered again.
+                        return Ok(());
+                    }
+                    sleep_or_cancel(&shutdown, backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Committed: now, and only now, ack (AckAll covers the whole batch). A lost ack means a redelivery,
+        // which the checkpoint turns into a no-op.
+        if let Err(e) = batch.ack().await {
+            tracing::warn!(error = %e, "ack failed after commit; the batch will be redelivered and skipped");
+        }
+    }
+}
+
+async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {},
+        () = shutdown.cancelled() => {},
+    }
+}
+
+/// The lowest checkpoint among the plan's partitions: the consumer starts right after it, and frames of
+/// partitions that are further ahead are skipped by their own checkpoint.
+pub async fn checkpoint_floor(ctx: &Ctx, plan: &ConsumerPlan) -> anyhow::Result<u64> {
+    let client = ctx.pool.get().await?;
+    let partitions: Vec<i32> = plan.partitions.iter().map(|&p| i32::from(p)).collect();
+    // Rows exist from the start so that batches can lock them.
+    client
+        .execute(
+            "INSERT INTO projection_checkpoints (projection, stream, partition, last_sequence)
+             SELECT $1, $2, p, 0 FROM unnest($3::int4[]) p
+             ON CONFLICT DO NOTHING",
+            &[&plan.projection.name(), &plan.stream.name(), &partitions],
+        )
+        .await?;
+    let row = client
+        .query_one(
+            "SELECT coalesce(min(last_sequence), 0) FROM projection_checkpoints
+             WHERE projection = $1 AND stream = $2 AND partition = ANY($3)",
+            &[&plan.projection.name(), &plan.stream.name(), &partitions],
+        )
+        .await?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+}
+
+/// Applies a batch of frames exactly once: rows, dead letters and checkpoints in one transaction.
+pub async fn apply_batch(
+    ctx: &Ctx,
+    plan: &ConsumerPlan,
+    frames: &[ReceivedFrame],
+) -> Result<Outcome, Transient> {
+    let mut client = ctx.pool.get().await?;
+    let tx = client.transaction().await?;
+    let checkpoints = lock_checkpoints(&tx, plan).await?;
+
+    let mut outcome = Outcome::default();
+    let mut dead = Vec::new();
+    let mut advanced: BTreeMap<u16, (u64, Timestamp)> = BTreeMap::new();
+    let mut per_frame: Vec<(usize, Changes, usize)> = Vec::new();
+    for (i, frame) in frames.iter().enumerate() {
+        let partition = plan.partition_of(&frame.subject);
+        let entry = advanced.entry(partition).or_insert((0, frame.stored_at));
+        if frame.stream_sequence > entry.0 {
+            *entry = (frame.stream_sequence, frame.stored_at);
+        }
+        if frame.stream_sequence <= checkpoints.get(&partition).copied().unwrap_or(0) {
+            outcome.skipped += 1;
+            continue;
+        }
+        outcome.frames += 1;
+        match frame_changes(plan, frame, &ctx.codec) {
+            Ok((changes, events)) => per_frame.push((i, changes, events)),
+            Err((kind, reason)) => dead.push(DeadLetter {
+                frame,
+                kind,
+                reason,
+            }),
+        }
+    }
+
+    let mut all = Changes::default();
+    for (_, changes, _) in &per_frame {
+        all.merge(changes.clone());
+    }
+    let tx = match write_changes(&tx, &all).await {
+        Ok(()) => {
+            outcome.events = per_frame.iter().map(|f| f.2).sum();
+            tx
+        }
+        Err(e) if is_permanent(&e) => {
+            // Some frame holds rows the database refuses. Find it: apply frame by frame, each under a
+            // savepoint, and dead-letter the ones that fail. Rare, so row-at-a-time cost is fine here.
+            tracing::warn!(error = %e, "batch refused by the database; isolating the bad frame");
+            tx.rollback().await?;
+            let mut tx = client.transaction().await?;
+            lock_checkpoints(&tx, plan).await?;
+            outcome.events = 0;
+            for (i, changes, events) in &per_frame {
+                let sp = tx.savepoint("frame").await?;
+                match write_changes(&sp, changes).await {
+                    Ok(()) => {
+                        sp.commit().await?;
+                        outcome.events += events;
+                    }
+                    Err(e) if is_permanent(&e) => {
+                        sp.rollback().await?;
+                        dead.push(DeadLetter {
+                            frame: &frames[*i],
+                            kind: "rejected_by_database",
+                            reason: format!("{e}"),
+                        });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            tx
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    for letter in &dead {
+        record_dead_letter(ctx, &tx, plan, letter).await?;
+    }
+    outcome.dead_lettered = dead.len();
+    save_checkpoints(&tx, plan, &advanced).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Decodes a frame and folds its events; `Err((kind, reason))` when it must be dead-lettered.
+fn frame_changes(
+    plan: &ConsumerPlan,
+    frame: &ReceivedFrame,
+    codec: &CodecConfig,
+) -> Result<(Changes, usize), (&'static str, String)> {
+    let records = frame.decode(codec).map_err(|e| (e.kind(), e.to_string()))?;
+    let mut changes = Changes::default();
+    for (index, record) in records.iter().enumerate() {
+        if record.event.stream() != plan.stream {
+            return Err((
+                "wrong_stream",
+                format!(
+                    "event {} belongs to {}, found on {}",
+                    record.event.kind(),
+                    record.event.stream(),
+                    frame.subject
+                ),
+            ));
+        }
+        changes
+            .add(Positioned {
+                stream: plan.stream,
+                seq: frame.stream_sequence,
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                record,
+            })
+            .map_err(|e| {
+                (
+                    "unappliable_event",
+                    format!("event {index} ({}): {e}", record.event.kind()),
+                )
+            })?;
+    }
+    Ok((changes, records.len()))
+}
+
+async fn lock_checkpoints(
+    tx: &Transaction<'_>,
+    plan: &ConsumerPlan,
+) -> Result<BTreeMap<u16, u64>, tokio_postgres::Error> {
+    let partitions: Vec<i32> = plan.partitions.iter().map(|&p| i32::from(p)).collect();
+    let rows = tx
+        .query(
+            "SELECT partition, last_sequence FROM projection_checkpoints
+             WHERE projection = $1 AND stream = $2 AND partition = ANY($3)
+             ORDER BY partition FOR UPDATE",
+            &[&plan.projection.name(), &plan.stream.name(), &partitions],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                u16::try_from(r.get::<_, i32>(0)).unwrap_or(0),
+                u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+            )
+        })
+        .collect())
+}
+
+async fn save_checkpoints(
+    tx: &Transaction<'_>,
+    plan: &ConsumerPlan,
+    advanced: &BTreeMap<u16, (u64, Timestamp)>,
+) -> Result<(), tokio_postgres::Error> {
+    if advanced.is_empty() {
+        return Ok(());
+    }
+    let partitions: Vec<i32> = advanced.keys().map(|&p| i32::from(p)).collect();
+    let seqs: Vec<i64> = advanced
+        .values()
+        .map(|(s, _)| i64::try_from(*s).unwrap_or(i64::MAX))
+        .collect();
+    let at: Vec<i64> = advanced.values().map(|(_, t)| t.as_micros()).collect();
+    tx.execute(
+        "INSERT INTO projection_checkpoints AS c (projection, stream, partition, last_sequence, last_event_at)
+         SELECT $1, $2, p, s, 'epoch'::timestamptz + at * interval '1 microsecond'
+         FROM unnest($3::int4[], $4::int8[], $5::int8[]) AS u(p, s, at)
+         ON CONFLICT (projection, stream, partition) DO UPDATE SET
+            last_sequence = greatest(c.last_sequence, EXCLUDED.last_sequence),
+            last_event_at = CASE WHEN EXCLUDED.last_sequence > c.last_sequence THEN EXCLUDED.last_event_at
+                                 ELSE c.last_event_at END,
+            updated_at = now()",
+        &[&plan.projection.name(), &plan.stream.name(), &partitions, &seqs, &at],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Header values are single lines of bounded length.
+fn header_value(s: &str) -> String {
+    let mut v: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if v.len() > 1000 {
+        let mut cut = 1000;
+        while !v.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        v.truncate(cut);
+    }
+    v
+}
+
+/// Publishes the frame to the dead-letter stream (deduplicated by its origin) and records it in the table,
+/// inside the batch's transaction: if either fails, nothing commits and the batch is retried.
+async fn record_dead_letter(
+    ctx: &Ctx,
+    tx: &Transaction<'_>,
+    plan: &ConsumerPlan,
+    letter: &DeadLetter<'_>,
+) -> Result<(), Transient> {
+    let frame = letter.frame;
+    tracing::warn!(
+        projection = plan.projection.name(),
+        stream = plan.stream.name(),
+        seq = frame.stream_sequence,
+        kind = letter.kind,
+        reason = %letter.reason,
+        "dead-lettering frame"
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    let mut original = serde_json::Map::new();
+    if let Some(h) = &frame.headers {
+        for (name, values) in h.iter() {
+            let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+            original.insert(name.to_string(), serde_json::json!(values));
+            let name: &str = name.as_ref();
+            if name != "Nats-Msg-Id" {
+                for v in values {
+                    headers.append(name, v.as_str());
+                }
+            }
+        }
+    }
+    headers.insert(crate::DL_PROJECTION, plan.projection.name());
+    headers.insert(crate::DL_STREAM, plan.stream.name());
+    headers.insert(crate::DL_SUBJECT, header_value(&frame.subject).as_str());
+    headers.insert(
+        crate::DL_SEQUENCE,
+        frame.stream_sequence.to_string().as_str(),
+    );
+    headers.insert(crate::DL_KIND, letter.kind);
+    headers.insert(crate::DL_REASON, header_value(&letter.reason).as_str());
+    let msg_id = format!(
+        "dl-{}-{}-{}",
+        plan.projection.name(),
+        plan.stream.prefix(),
+        frame.stream_sequence
+    );
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(frame.body.clone())
+        .headers(headers)
+        .message_id(msg_id);
+    let subject = events::Subject::dead_letters(plan.stream).to_string();
+    ctx.js
+        .send_publish(subject, publish)
+        .await
+        .map_err(|e| Transient::DeadLetter(e.to_string()))?
+        .await
+        .map_err(|e| Transient::DeadLetter(e.to_string()))?;
+    tx.execute(
+        "INSERT INTO dead_letters (projection, stream, subject, stream_sequence, reason, error_kind, payload, headers)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (projection, stream, stream_sequence) DO NOTHING",
+        &[
+            &plan.projection.name(),
+            &plan.stream.name(),
+            &frame.subject,
+            &i64::try_from(frame.stream_sequence).unwrap_or(i64::MAX),
+            &letter.reason,
+            &letter.kind,
+            &frame.body.as_ref(),
+            &serde_json::Value::Object(original),
+        ],
+    )
+    .await?;
+    m::record_dead_letter(plan);
+    Ok(())
+}

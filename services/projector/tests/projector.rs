@@ -1,0 +1,450 @@
+//! The projector against real nats-server and Postgres: exactly-once rows, redelivery, poison frames,
+//! shuffled interleavings, crashes at random points, and a database that drops connections.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bus::{
+    Bus, ConsumerSpec, FrameConsumer, Publisher, PublisherConfig, ReceivedFrame, provision_streams,
+};
+use events::{EventRecord, Stream};
+use projector::verify::{TableSum, fingerprint};
+use projector::{Projection, ProjectorConfig};
+use tests::{NatsServer, TestDb};
+use tokio_util::sync::CancellationToken;
+
+const ALL_TABLES: &[&str] = &[
+    "tasks",
+    "allocations",
+    "task_results",
+    "workers",
+    "worker_gpus",
+    "attestations",
+    "payment_accruals",
+    "settlements",
+    "settlement_payouts",
+];
+
+struct Env {
+    server: NatsServer,
+    db: TestDb,
+    bus: Bus,
+}
+
+async fn env() -> Env {
+    let server = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let bus = Bus::from_client(server.client().await, Duration::from_secs(5));
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    Env { server, db, bus }
+}
+
+async fn publish(bus: &Bus, records: &[EventRecord]) {
+    let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default()).unwrap();
+    for r in records {
+        drop(publisher.publish(r).await.unwrap());
+    }
+    publisher.flush().await.unwrap();
+}
+
+fn config(env: &Env, schema: &str, prefix: &str) -> ProjectorConfig {
+    let mut c = ProjectorConfig::new(env.server.url(), env.db.url());
+    c.schema = schema.into();
+    c.durable_prefix = prefix.into();
+    c.batch_frames = 20;
+    c.fetch_wait = Duration::from_millis(300);
+    c
+}
+
+async fn run_until_idle(c: ProjectorConfig) {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        projector::run(c, CancellationToken::new(), true),
+    )
+    .await
+    .expect("projector did not drain in time")
+    .unwrap();
+}
+
+async fn sums(
+    env: &Env,
+    schema: &str,
+) -> (BTreeMap<String, TableSum>, Vec<(String, i64)>, Vec<i64>) {
+    let client = env.db.client().await;
+    let tables = fingerprint(&client, schema, ALL_TABLES).await.unwrap();
+    let counts = client
+        .query(&format!("SELECT status, count FROM {schema}.task_status_totals WHERE count <> 0 ORDER BY status"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let stats = client
+        .query_one(&format!("SELECT active_workers, nanoton_accrued, nanoton_settled FROM {schema}.dashboard_stats"), &[])
+        .await
+        .unwrap();
+    (
+        tables,
+        counts,
+        vec![stats.get(0), stats.get(1), stats.get(2)],
+    )
+}
+
+#[tokio::test]
+async fn projects_every_stream_into_the_read_models() {
+    let env = env().await;
+    let records = events::sample::lifecycle(30, 3);
+    publish(&env.bus, &records).await;
+    run_until_idle(config(&env, "public", "p")).await;
+
+    let c = env.db.client().await;
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM tasks").await, 30);
+    // Tasks 6, 13, 20, 27 are cancelled; the others complete (every fifth after one failed attempt).
+    assert_eq!(
+        count("SELECT count(*) FROM tasks WHERE status = 'cancelled'").await,
+        4
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM tasks WHERE status = 'completed'").await,
+        26
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM tasks WHERE status = 'completed' AND attempt = 2").await,
+        6
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM tasks WHERE client_id IS NULL").await,
+        0
+    );
+    assert_eq!(count("SELECT count(*) FROM allocations").await, 36);
+    assert_eq!(count("SELECT count(*) FROM task_results").await, 26);
+    assert_eq!(
+        count("SELECT count(*) FROM workers WHERE status = 'active' AND region = 'local'").await,
+        3
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM worker_gpus WHERE gpu_uuid IS NOT NULL AND simulated").await,
+        3
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM worker_attestation_state WHERE attested").await,
+        3
+    );
+    assert_eq!(count("SELECT count(*) FROM payment_accruals").await, 26);
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM settlements WHERE status = 'confirmed' AND tx_hash IS NOT NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM settlement_payouts WHERE status = 'paid'").await,
+        3
+    );
+    let accrued = count("SELECT sum(amount_nanoton)::bigint FROM payment_accruals").await;
+
+    let (_, status_counts, stats) = sums(&env, "public").await;
+    assert_eq!(
+        status_counts,
+        vec![("cancelled".to_string(), 4), ("completed".to_string(), 26)]
+    );
+    assert_eq!(
+        stats,
+        vec![3, accrued, accrued],
+        "active workers, accrued, settled"
+    );
+    let checkpoints =
+        count("SELECT count(*) FROM projection_checkpoints WHERE last_sequence > 0").await;
+    assert!(checkpoints >= 6, "checkpoints advanced: {checkpoints}");
+}
+
+#[tokio::test]
+async fn redelivering_everything_changes_nothing() {
+    let env = env().await;
+    publish(&env.bus, &events::sample::lifecycle(20, 2)).await;
+    run_until_idle(config(&env, "public", "p")).await;
+    let before = sums(&env, "public").await;
+
+    // New consumers start from the database checkpoints: every frame is skipped.
+    run_until_idle(config(&env, "public", "again")).await;
+    assert_eq!(sums(&env, "public").await, before);
+
+    // With the checkpoints wound back, every frame is applied a second time: still nothing changes.
+    env.db
+        .client()
+        .await
+        .execute("UPDATE projection_checkpoints SET last_sequence = 0", &[])
+        .await
+        .unwrap();
+    run_until_idle(config(&env, "public", "third")).await;
+    assert_eq!(sums(&env, "public").await, before);
+}
+
+#[tokio::test]
+async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
+    let env = env().await;
+    env.bus
+        .jetstream
+        .publish("tasks.0", "not a frame".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let records = events::sample::lifecycle(10, 1);
+    publish(&env.bus, &records).await;
+    // And a well-formed frame whose event cannot be applied (a verdict that names no submission).
+    let mut orphan = records
+        .iter()
+        .find(|r| r.event.kind() == "AttestationVerified")
+        .unwrap()
+        .clone();
+    orphan.envelope.event_id = events::EventId::new();
+    orphan.envelope.causation_id = None;
+    publish(&env.bus, &[orphan]).await;
+    run_until_idle(config(&env, "public", "p")).await;
+
+    let c = env.db.client().await;
+    let rows = c
+        .query(
+            "SELECT stream, stream_sequence, error_kind, reason FROM dead_letters ORDER BY stream",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i64, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got[0],
+        (
+            "ATTESTATIONS".to_string(),
+            2,
+            "unappliable_event".to_string()
+        )
+    );
+    assert_eq!(
+        got[1],
+        ("TASKS".to_string(), 1, "missing_header".to_string())
+    );
+    assert_eq!(got.len(), 2);
+    let tasks: i64 = c
+        .query_one("SELECT count(*) FROM tasks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tasks, 10, "frames after the poison one were applied");
+
+    let mut dl = env.bus.jetstream.get_stream("DEAD_LETTERS").await.unwrap();
+    assert_eq!(dl.info().await.unwrap().state.messages, 2);
+    let mut found = false;
+    for seq in 1..=2 {
+        let headers = dl.get_raw_message(seq).await.unwrap().headers;
+        if headers.get(projector::DL_STREAM).unwrap().as_str() == "ATTESTATIONS" {
+            assert_eq!(
+                headers.get(projector::DL_KIND).unwrap().as_str(),
+                "unappliable_event"
+            );
+            assert!(
+                headers
+                    .get(projector::DL_REASON)
+                    .unwrap()
+                    .as_str()
+                    .contains("causation")
+            );
+            assert_eq!(headers.get(projector::DL_SEQUENCE).unwrap().as_str(), "2");
+            found = true;
+        }
+    }
+    assert!(found, "the unappliable frame is in the dead-letter stream");
+}
+
+/// Reads every frame of a stream, in order.
+async fn all_frames(bus: &Bus, stream: Stream) -> Vec<ReceivedFrame> {
+    let consumer = FrameConsumer::bind(
+        &bus.jetstream,
+        &ConsumerSpec::new(stream, format!("read-{}", stream.prefix())),
+    )
+    .await
+    .unwrap();
+    let mut frames = Vec::new();
+    loop {
+        let batch = consumer
+            .fetch(100, Duration::from_millis(200))
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            return frames;
+        }
+        frames.extend(batch.frames.iter().cloned());
+        batch.ack().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn shuffled_interleavings_of_streams_converge() {
+    let env = env().await;
+    publish(&env.bus, &events::sample::lifecycle(25, 3)).await;
+    let plans = projector::plan(&Projection::ALL, 1, events::Partitions::DEFAULT);
+    let mut per_stream = Vec::new();
+    for plan in &plans {
+        per_stream.push((plan.clone(), all_frames(&env.bus, plan.stream).await));
+    }
+    let mut reference = None;
+    // A property over random interleavings (seeded, so a failure replays): streams advance in random order,
+    // in random chunk sizes, each stream's own order kept, as independent consumers would.
+    for seed in 1..=5u64 {
+        let schema = format!("mix{seed}");
+        let mut c = config(&env, &schema, "unused");
+        c.migrate = false;
+        let pool = projector::pool(&c.database_url, &schema, 2).unwrap();
+        {
+            let mut client = pool.get().await.unwrap();
+            client
+                .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                .await
+                .unwrap();
+            schemas::migrate(&mut client).await.unwrap();
+        }
+        let ctx = projector::worker::Ctx {
+            pool,
+            js: env.bus.jetstream.clone(),
+            codec: Default::default(),
+            batch_frames: 10,
+            fetch_wait: Duration::from_millis(100),
+            durable_prefix: "unused".into(),
+        };
+        for (plan, _) in &per_stream {
+            projector::worker::checkpoint_floor(&ctx, plan)
+                .await
+                .unwrap();
+        }
+        let mut cursors = vec![0usize; per_stream.len()];
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        while cursors
+            .iter()
+            .zip(&per_stream)
+            .any(|(c, (_, f))| *c < f.len())
+        {
+            let i = (next() % per_stream.len() as u64) as usize;
+            let (plan, frames) = &per_stream[i];
+            if cursors[i] >= frames.len() {
+                continue;
+            }
+            let take = 1 + (next() % 4) as usize;
+            let end = (cursors[i] + take).min(frames.len());
+            projector::worker::apply_batch(&ctx, plan, &frames[cursors[i]..end])
+                .await
+                .unwrap();
+            cursors[i] = end;
+        }
+        let got = sums(&env, &schema).await;
+        match &reference {
+            None => reference = Some(got),
+            Some(r) => assert_eq!(&got, r, "interleaving {seed} diverged"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_projector_killed_at_random_points_gives_the_rows_of_a_clean_run() {
+    let env = env().await;
+    publish(&env.bus, &events::sample::lifecycle(60, 3)).await;
+    run_until_idle(config(&env, "public", "clean")).await;
+    let clean = sums(&env, "public").await;
+
+    {
+        let mut client = env.db.client().await;
+        client.batch_execute("CREATE SCHEMA crashy").await.unwrap();
+        client
+            .batch_execute("SET search_path TO crashy")
+            .await
+            .unwrap();
+        schemas::migrate(&mut client).await.unwrap();
+    }
+    // Abort the whole projector (every consumer task, mid-transaction or mid-ack) after a random delay,
+    // again and again, then let it finish.
+    let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..6 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let delay = Duration::from_millis(20 + rng % 200);
+        let handle = tokio::spawn(projector::run(
+            config(&env, "crashy", "crashy"),
+            CancellationToken::new(),
+            false,
+        ));
+        let _ = tokio::time::timeout(delay, async {
+            while !handle.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        handle.abort();
+        let _ = handle.await;
+    }
+    run_until_idle(config(&env, "crashy", "crashy")).await;
+    assert_eq!(sums(&env, "crashy").await, clean);
+}
+
+#[tokio::test]
+async fn dropped_database_connections_are_retried_without_loss() {
+    let env = env().await;
+    publish(&env.bus, &events::sample::lifecycle(60, 3)).await;
+    run_until_idle(config(&env, "public", "clean")).await;
+    let clean = sums(&env, "public").await;
+    {
+        let mut client = env.db.client().await;
+        client.batch_execute("CREATE SCHEMA flaky").await.unwrap();
+        client
+            .batch_execute("SET search_path TO flaky")
+            .await
+            .unwrap();
+        schemas::migrate(&mut client).await.unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let mut c = config(&env, "flaky", "flaky");
+    c.batch_frames = 2;
+    let run = tokio::spawn(projector::run(c, shutdown.clone(), false));
+    let admin = env.db.client().await;
+    let target = sums(&env, "public").await.0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut kills = 0;
+    loop {
+        // Cut every other connection to the database while batches are in flight.
+        let killed: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        kills += killed;
+        if fingerprint(&admin, "flaky", ALL_TABLES).await.unwrap() == target {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never converged after {kills} killed connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // the pace of the fault injection
+    }
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert!(kills > 0, "the test must actually have cut connections");
+    assert_eq!(sums(&env, "flaky").await, clean);
+}
