@@ -269,3 +269,121 @@ impl FrameConsumer {
         Ok(())
     }
 }
+
+/// Reads a range of a stream in order through an ephemeral ordered consumer: no durable state, no acks.
+/// Used by operators (replay, rebuild) to read history without disturbing the services.
+pub struct RangeReader {
+    messages: Option<jetstream::consumer::pull::Ordered>,
+    end: u64,
+}
+
+impl std::fmt::Debug for RangeReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangeReader")
+            .field("end", &self.end)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RangeReader {
+    /// Frames of `stream` on `subjects` (all when empty) from `from` up to `to` inclusive, and at most up to
+    /// the stream's last sequence when the reader is opened.
+    pub async fn open(
+        js: &jetstream::Context,
+        stream: Stream,
+        subjects: Vec<String>,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<Self, ConsumeError> {
+        let name = stream.name();
+        let consumer_err = |e: &dyn std::fmt::Display| ConsumeError::Consumer {
+            stream: name,
+            durable: "(ordered)".into(),
+            reason: e.to_string(),
+        };
+        let mut handle = js
+            .get_stream(name)
+            .await
+            .map_err(|_| ConsumeError::NoStream { stream: name })?;
+        let last = handle
+            .info()
+            .await
+            .map_err(|e| consumer_err(&e))?
+            .state
+            .last_sequence;
+        let end = to.map_or(last, |t| t.min(last));
+        if last == 0 || from > end {
+            return Ok(Self {
+                messages: None,
+                end,
+            });
+        }
+        let consumer = handle
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subjects: subjects,
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| consumer_err(&e))?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(Self {
+                messages: None,
+                end,
+            });
+        }
+        let messages = consumer.messages().await.map_err(|e| consumer_err(&e))?;
+        Ok(Self {
+            messages: Some(messages),
+            end,
+        })
+    }
+
+    /// The last sequence this reader will return (at most).
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Up to `max` frames; an empty vector means the range is exhausted.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<ReceivedFrame>, ConsumeError> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(messages) = self.messages.as_mut() else {
+                break;
+            };
+            let Some(message) = messages.next().await else {
+                self.messages = None;
+                break;
+            };
+            let message = message.map_err(|e| ConsumeError::Fetch {
+                durable: "(ordered)".into(),
+                reason: e.to_string(),
+            })?;
+            let info = message
+                .info()
+                .map_err(|e| ConsumeError::Metadata(e.to_string()))?;
+            let seq = info.stream_sequence;
+            let pending = info.pending;
+            if seq > self.end {
+                self.messages = None;
+                break;
+            }
+            out.push(ReceivedFrame {
+                stream_sequence: seq,
+                subject: message.subject.to_string(),
+                stored_at: Timestamp::from_micros(
+                    i64::try_from(info.published.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX),
+                ),
+                pending,
+                headers: message.headers.clone(),
+                body: message.payload.clone(),
+            });
+            if seq >= self.end || pending == 0 {
+                self.messages = None;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -16,7 +16,9 @@ pub mod publisher;
 
 use std::time::Duration;
 
-pub use consumer::{ConsumeError, ConsumerSpec, FetchedBatch, FrameConsumer, ReceivedFrame};
+pub use consumer::{
+    ConsumeError, ConsumerSpec, FetchedBatch, FrameConsumer, RangeReader, ReceivedFrame,
+};
 pub use provision::{ProvisionError, ProvisionOutcome, ProvisionReport, provision_streams};
 pub use publisher::{Position, PublishError, Publisher, PublisherConfig, Receipt};
 

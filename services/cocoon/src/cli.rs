@@ -54,6 +54,33 @@ pub enum Command {
     },
     /// Apply the read-model migrations (idempotent).
     Migrate,
+    /// Inspect, reset and rebuild the read-model projections (tasks, workers, payments).
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Per projection and partition: checkpoint, stream head, lag in frames, events and seconds; dead letters.
+    Status,
+    /// Rebuild a projection from the log into a shadow schema, verify it against the live tables, swap.
+    Rebuild {
+        /// tasks, workers or payments.
+        name: String,
+    },
+    /// Wind a projection's checkpoints back so that frames from a point are applied again (projector stopped).
+    Reset {
+        /// tasks, workers or payments.
+        name: String,
+        /// Apply again from this stream sequence (in every stream of the projection).
+        #[arg(long, conflicts_with = "since", required_unless_present = "since")]
+        from_seq: Option<u64>,
+        /// Apply again from the first frame stored at or after this time (RFC 3339 or an age like 15m).
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,6 +109,28 @@ pub enum EventsCommand {
     Export(ExportArgs),
     /// Publish the frames of an export file, as they were stored, into (empty) streams.
     Import(ImportArgs),
+    /// Apply a range of a stream again through a projection, regardless of its checkpoint (idempotent).
+    Replay(ReplayArgs),
+}
+
+/// A range of one stream to re-apply through one projection.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// tasks, workers or payments.
+    #[arg(long)]
+    pub projection: String,
+    /// The stream to read (one the projection reads).
+    #[arg(long)]
+    pub stream: String,
+    /// First stream sequence (inclusive); default the start of the stream.
+    #[arg(long)]
+    pub from_seq: Option<u64>,
+    /// Last stream sequence (inclusive); default the end of the stream.
+    #[arg(long)]
+    pub to_seq: Option<u64>,
+    /// Start at the first frame stored at or after this time (RFC 3339 or an age like 15m).
+    #[arg(long, conflicts_with = "from_seq")]
+    pub since: Option<String>,
 }
 
 /// `events export`: the file and which frames.

@@ -460,13 +460,16 @@ impl<R: Read> ExportReader<R> {
             buf: Vec::new(),
         };
         let bad_magic = |found: String| ImportError::BadMagic { found };
-        match reader.read_record_bytes() {
-            Ok(true) => {}
-            Ok(false) => return Err(ImportError::Truncated { after_frames: 0 }),
-            // Not even one record where the header should be: some other zstd file.
-            Err(ImportError::Corrupt { reason, .. }) => return Err(bad_magic(reason)),
-            Err(e) => return Err(e),
+        let Some(len) = reader.read_len()? else {
+            return Err(ImportError::Truncated { after_frames: 0 });
+        };
+        if len > MAX_RECORD_BYTES {
+            // Not even a plausible record where the header should be: some other zstd file.
+            return Err(bad_magic(format!(
+                "a zstd file whose first record would be {len} bytes"
+            )));
         }
+        reader.read_body(len)?;
         match rmp_serde::from_slice::<Probe>(&reader.buf) {
             Ok(Probe::Header(probe)) if probe.format == FORMAT => {
                 if probe.version != VERSION {
@@ -621,22 +624,33 @@ impl<R: Read> ExportReader<R> {
 
     /// Reads one record into `buf`; `false` at a clean end of the file.
     fn read_record_bytes(&mut self) -> Result<bool, ImportError> {
-        let mut len = [0u8; 4];
-        let n = read_full(&mut self.input, &mut len).map_err(|e| classify(e, self.frames))?;
-        if n == 0 {
+        let Some(len) = self.read_len()? else {
             return Ok(false);
-        }
-        if n < len.len() {
-            return Err(ImportError::Truncated {
-                after_frames: self.frames,
-            });
-        }
-        let len = u32::from_be_bytes(len) as usize;
+        };
         if len > MAX_RECORD_BYTES {
             return Err(self.corrupt(format!(
                 "a record claims {len} bytes, more than any record may hold ({MAX_RECORD_BYTES})"
             )));
         }
+        self.read_body(len)?;
+        Ok(true)
+    }
+
+    /// A record's length prefix; `None` at a clean end of the file.
+    fn read_len(&mut self) -> Result<Option<usize>, ImportError> {
+        let mut len = [0u8; 4];
+        let n = read_full(&mut self.input, &mut len).map_err(|e| classify(e, self.frames))?;
+        match n {
+            0 => Ok(None),
+            4 => Ok(Some(u32::from_be_bytes(len) as usize)),
+            _ => Err(ImportError::Truncated {
+                after_frames: self.frames,
+            }),
+        }
+    }
+
+    /// A record's `len` bytes into `buf`.
+    fn read_body(&mut self, len: usize) -> Result<(), ImportError> {
         self.buf.clear();
         (&mut self.input)
             .take(len as u64)
@@ -647,7 +661,7 @@ impl<R: Read> ExportReader<R> {
                 after_frames: self.frames,
             });
         }
-        Ok(true)
+        Ok(())
     }
 
     fn corrupt(&self, reason: String) -> ImportError {
@@ -1396,7 +1410,7 @@ pub async fn import(
     Ok(summary)
 }
 
-fn open(path: &PathBuf) -> anyhow::Result<std::fs::File> {
+fn open(path: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))
 }
 

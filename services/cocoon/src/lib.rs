@@ -11,6 +11,7 @@ pub mod demo;
 pub mod dev;
 pub mod dump;
 pub mod export;
+pub mod projections;
 pub mod when;
 
 use std::process::ExitCode;
@@ -76,6 +77,7 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
                 EventsCommand::Import(args) => {
                     return export::import_command(&cli.conn, &args, shutdown).await;
                 }
+                EventsCommand::Replay(args) => return projections::replay(&cli.conn, &args).await,
             };
             let query = dump::Query::from_filter(&filter, follow)?;
             let bus = connect(&cli.conn).await?;
@@ -94,6 +96,7 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Projections { command } => projections::run(&cli.conn, command).await,
         Command::Migrate => {
             let report = dev::migrate(&cli.conn.database_url).await?;
             println!(

@@ -12,6 +12,7 @@
 
 pub mod fold;
 pub mod metrics;
+pub mod ops;
 pub mod projection;
 pub mod store;
 pub mod verify;

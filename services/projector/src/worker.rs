@@ -171,6 +171,25 @@ pub async fn apply_batch(
     plan: &ConsumerPlan,
     frames: &[ReceivedFrame],
 ) -> Result<Outcome, Transient> {
+    apply_frames(ctx, plan, frames, false).await
+}
+
+/// Applies frames even at or below the checkpoint (an operator's replay). Safe because every write is an
+/// idempotent join; the checkpoint never moves back.
+pub async fn replay_batch(
+    ctx: &Ctx,
+    plan: &ConsumerPlan,
+    frames: &[ReceivedFrame],
+) -> Result<Outcome, Transient> {
+    apply_frames(ctx, plan, frames, true).await
+}
+
+async fn apply_frames(
+    ctx: &Ctx,
+    plan: &ConsumerPlan,
+    frames: &[ReceivedFrame],
+    force: bool,
+) -> Result<Outcome, Transient> {
     let mut client = ctx.pool.get().await?;
     let tx = client.transaction().await?;
     let checkpoints = lock_checkpoints(&tx, plan).await?;
@@ -185,7 +204,7 @@ pub async fn apply_batch(
         if frame.stream_sequence > entry.0 {
             *entry = (frame.stream_sequence, frame.stored_at);
         }
-        if frame.stream_sequence <= checkpoints.get(&partition).copied().unwrap_or(0) {
+        if !force && frame.stream_sequence <= checkpoints.get(&partition).copied().unwrap_or(0) {
             outcome.skipped += 1;
             continue;
         }
