@@ -7,11 +7,14 @@ COCOON = target/debug/cocoon
 .PHONY: run test lint bench stack-up stack-down clean-stack
 
 ## run: start the embedded stack, provision streams, migrate, publish a sample of the pool's life, show it
+## from the log, project it into the Postgres read models and show where the projections stand
 run: stack-up
-	$(CARGO) build -p cocoon
+	$(CARGO) build -p cocoon -p projector
 	$(COCOON) dev up
 	$(COCOON) dev demo --tasks 3
 	$(COCOON) events dump --limit 25
+	target/debug/projector --until-idle
+	$(COCOON) projections status
 
 ## test: start the stack and run the whole test suite against real nats-server and Postgres
 test: stack-up

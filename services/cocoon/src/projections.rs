@@ -83,6 +83,35 @@ pub async fn run(conn: &Connection, command: ProjectionsCommand) -> anyhow::Resu
                     dead.get(p.name()).copied().unwrap_or(0)
                 );
             }
+            let counts: Vec<String> = client
+                .query(
+                    "SELECT status, count FROM task_status_totals WHERE count <> 0 ORDER BY status",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, i64>(1)))
+                .collect();
+            let stats = client
+                .query_one(
+                    "SELECT active_workers, nanoton_accrued, nanoton_settled FROM dashboard_stats",
+                    &[],
+                )
+                .await?;
+            println!(
+                "tasks: {}",
+                if counts.is_empty() {
+                    "none".to_string()
+                } else {
+                    counts.join(", ")
+                }
+            );
+            println!(
+                "workers active: {}; accrued: {}; settled: {}",
+                stats.get::<_, i64>(0),
+                events::Nanoton(u64::try_from(stats.get::<_, i64>(1)).unwrap_or(0)),
+                events::Nanoton(u64::try_from(stats.get::<_, i64>(2)).unwrap_or(0))
+            );
             Ok(ExitCode::SUCCESS)
         }
         ProjectionsCommand::Rebuild { name } => {

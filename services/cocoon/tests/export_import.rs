@@ -434,3 +434,48 @@ fn the_binary_exports_and_imports_with_the_right_exit_codes() {
     let out = cocoon(&target_server.url(), &["import", "--input", "-"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Projects everything in `server`'s log into `schema` of `db` and returns the tables' fingerprints.
+async fn project(
+    server: &NatsServer,
+    db: &tests::TestDb,
+    schema: &str,
+) -> std::collections::BTreeMap<String, projector::verify::TableSum> {
+    let mut config = projector::ProjectorConfig::new(server.url(), db.url());
+    config.schema = schema.into();
+    config.fetch_wait = Duration::from_millis(300);
+    projector::run(config, tokio_util::sync::CancellationToken::new(), true)
+        .await
+        .unwrap();
+    let tables: Vec<&str> = projector::Projection::ALL
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect();
+    projector::verify::fingerprint(&db.client().await, schema, &tables)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn export_then_import_reproduces_the_same_read_models() {
+    let (source, source_bus) = stack().await;
+    let publisher =
+        Publisher::new(source_bus.jetstream.clone(), PublisherConfig::default()).unwrap();
+    for r in events::sample::lifecycle(30, 3) {
+        drop(publisher.publish(&r).await.unwrap());
+    }
+    publisher.flush().await.unwrap();
+    let dir = TempDir::new("cocoon-export");
+    let path = file(&dir, "log.cocoon");
+    export_to(&source_bus, Filter::default(), &path).await;
+
+    let (target, target_bus) = stack().await;
+    let summary = import_from(&target_bus, &path, false).await.unwrap();
+    assert_eq!(summary.duplicates, 0);
+
+    let db = tests::TestDb::create().await;
+    let from_source = project(&source, &db, "from_source").await;
+    let from_import = project(&target, &db, "from_import").await;
+    assert_eq!(from_source["tasks"].rows, 30);
+    assert_eq!(from_import, from_source);
+}

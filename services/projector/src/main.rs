@@ -24,6 +24,9 @@ struct Args {
     /// Projections to run (tasks, workers, payments); default all.
     #[arg(long = "projection")]
     projections: Vec<String>,
+    /// Stop once every stream is drained (catch-up mode), instead of following the log.
+    #[arg(long)]
+    until_idle: bool,
     /// Seconds to finish in-flight batches after a stop signal.
     #[arg(long, default_value_t = 10)]
     grace_seconds: u64,
@@ -64,5 +67,5 @@ async fn main() -> anyhow::Result<()> {
         }
         std::process::exit(130);
     });
-    projector::run(config, shutdown, false).await
+    projector::run(config, shutdown, args.until_idle).await
 }
