@@ -139,6 +139,34 @@ impl FetchedBatch {
     }
 }
 
+async fn stream_of(
+    js: &jetstream::Context,
+    stream: Stream,
+) -> Result<jetstream::stream::Stream, ConsumeError> {
+    js.get_stream(stream.name())
+        .await
+        .map_err(|_| ConsumeError::NoStream {
+            stream: stream.name(),
+        })
+}
+
+/// The frame a JetStream message carries, with its place in the stream.
+fn received_frame(message: &jetstream::Message) -> Result<ReceivedFrame, ConsumeError> {
+    let info = message
+        .info()
+        .map_err(|e| ConsumeError::Metadata(e.to_string()))?;
+    Ok(ReceivedFrame {
+        stream_sequence: info.stream_sequence,
+        subject: message.subject.to_string(),
+        stored_at: Timestamp::from_micros(
+            i64::try_from(info.published.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX),
+        ),
+        pending: info.pending,
+        headers: message.headers.clone(),
+        body: message.payload.clone(),
+    })
+}
+
 /// A durable pull consumer of frames.
 #[derive(Debug)]
 pub struct FrameConsumer {
@@ -150,12 +178,7 @@ impl FrameConsumer {
     /// Creates the durable consumer, or binds to it if it exists (its position is kept).
     pub async fn bind(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<Self, ConsumeError> {
         let stream_name = spec.stream.name();
-        let stream = js
-            .get_stream(stream_name)
-            .await
-            .map_err(|_| ConsumeError::NoStream {
-                stream: stream_name,
-            })?;
+        let stream = stream_of(js, spec.stream).await?;
         let consumer = stream
             .get_or_create_consumer(&spec.durable, spec.config())
             .await
@@ -177,12 +200,7 @@ impl FrameConsumer {
         spec: &ConsumerSpec,
     ) -> Result<Self, ConsumeError> {
         let stream_name = spec.stream.name();
-        let stream = js
-            .get_stream(stream_name)
-            .await
-            .map_err(|_| ConsumeError::NoStream {
-                stream: stream_name,
-            })?;
+        let stream = stream_of(js, spec.stream).await?;
         if stream.consumer_info(&spec.durable).await.is_ok() {
             stream
                 .delete_consumer(&spec.durable)
@@ -250,20 +268,7 @@ impl FrameConsumer {
         .map_err(|e| fetch_err(&e))?;
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| fetch_err(&e))?;
-            let info = message
-                .info()
-                .map_err(|e| ConsumeError::Metadata(e.to_string()))?;
-            let stored_at = Timestamp::from_micros(
-                i64::try_from(info.published.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX),
-            );
-            batch.frames.push(ReceivedFrame {
-                stream_sequence: info.stream_sequence,
-                subject: message.subject.to_string(),
-                stored_at,
-                pending: info.pending,
-                headers: message.headers.clone(),
-                body: message.payload.clone(),
-            });
+            batch.frames.push(received_frame(&message)?);
             batch.last = Some(message);
         }
         Ok(())
@@ -361,25 +366,13 @@ impl RangeReader {
                 durable: "(ordered)".into(),
                 reason: e.to_string(),
             })?;
-            let info = message
-                .info()
-                .map_err(|e| ConsumeError::Metadata(e.to_string()))?;
-            let seq = info.stream_sequence;
-            let pending = info.pending;
+            let frame = received_frame(&message)?;
+            let (seq, pending) = (frame.stream_sequence, frame.pending);
             if seq > self.end {
                 self.messages = None;
                 break;
             }
-            out.push(ReceivedFrame {
-                stream_sequence: seq,
-                subject: message.subject.to_string(),
-                stored_at: Timestamp::from_micros(
-                    i64::try_from(info.published.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX),
-                ),
-                pending,
-                headers: message.headers.clone(),
-                body: message.payload.clone(),
-            });
+            out.push(frame);
             if seq >= self.end || pending == 0 {
                 self.messages = None;
             }

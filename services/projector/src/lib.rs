@@ -119,8 +119,9 @@ pub async fn run(
         }
         schemas::migrate(&mut client).await?;
     }
+    // Streams are provisioned by the operator (`cocoon provision`), with the deployment's replica count;
+    // a missing stream stops the projector with an error that says so.
     let bus = bus::Bus::connect(&bus::BusConfig::new(&config.nats_url, "projector")).await?;
-    bus::provision_streams(&bus.jetstream, 1).await.ok();
     let ctx = worker::Ctx {
         pool,
         js: bus.jetstream.clone(),
