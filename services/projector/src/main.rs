@@ -24,6 +24,13 @@ struct Args {
     /// Projections to run (tasks, workers, payments); default all.
     #[arg(long = "projection")]
     projections: Vec<String>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464); off when empty.
+    #[arg(
+        long,
+        env = "COCOON_PROJECTOR_METRICS",
+        default_value = "127.0.0.1:9464"
+    )]
+    metrics_addr: String,
     /// Stop once every stream is drained (catch-up mode), instead of following the log.
     #[arg(long)]
     until_idle: bool,
@@ -41,6 +48,16 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if !args.metrics_addr.is_empty() {
+        let addr: std::net::SocketAddr = args
+            .metrics_addr
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--metrics-addr {:?}: {e}", args.metrics_addr))?;
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    }
     let mut config = projector::ProjectorConfig::new(args.nats_url, args.database_url);
     config.workers = args.workers;
     if !args.projections.is_empty() {

@@ -110,7 +110,7 @@ pub async fn run_consumer(
             let started = Instant::now();
             match apply_batch(&ctx, &plan, &batch.frames).await {
                 Ok(outcome) => {
-                    m::record_batch(&plan, &outcome, started.elapsed());
+                    m::record_batch(&plan, &outcome, started.elapsed(), batch.frames.last());
                     backoff = Duration::from_millis(100);
                     break;
                 }
