@@ -148,6 +148,70 @@ async fn projects_every_stream_into_the_read_models() {
     );
     let accrued = count("SELECT sum(amount_nanoton)::bigint FROM payment_accruals").await;
 
+    // Row values of one scripted task: the fifth (index 4) failed once on w1, was requeued and completed.
+    let fifth = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            events::Event::TaskSubmitted(t) => Some(t.task_id.0),
+            _ => None,
+        })
+        .nth(4)
+        .unwrap();
+    let row = c
+        .query_one(
+            "SELECT status, attempt, worker_id, gpu_millis, peak_gpu_memory_mib, client_id, priority,
+                    failure_reason, allocated_at <= started_at AND started_at <= finished_at
+             FROM tasks WHERE task_id = $1",
+            &[&fifth],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "completed");
+    assert_eq!(row.get::<_, i32>(1), 2);
+    assert_eq!(row.get::<_, String>(2), "w1");
+    assert_eq!(row.get::<_, i64>(3), 1_004);
+    assert_eq!(row.get::<_, i64>(4), 1_024);
+    assert_eq!(row.get::<_, String>(5), "client-42");
+    assert_eq!(row.get::<_, i16>(6), 5);
+    assert_eq!(
+        row.get::<_, Option<String>>(7),
+        None,
+        "the completed attempt has no failure"
+    );
+    assert!(row.get::<_, bool>(8), "timestamps in lifecycle order");
+    let accrual = c
+        .query_one(
+            "SELECT amount_nanoton, attempt, worker_id FROM payment_accruals WHERE task_id = $1",
+            &[&fifth],
+        )
+        .await
+        .unwrap();
+    // 1.004 GPU-seconds at 1,001 nanoton per GPU-second, rounded down.
+    assert_eq!(accrual.get::<_, i64>(0), 1_004 * 1_001 / 1_000);
+    assert_eq!(accrual.get::<_, i32>(1), 2);
+    let allocations: Vec<(i32, Option<String>)> = c
+        .query(
+            "SELECT attempt, revoke_reason FROM allocations WHERE task_id = $1 ORDER BY attempt",
+            &[&fifth],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(allocations, vec![(1, None), (2, None)]);
+    let worker = c
+        .query_one(
+            "SELECT price_per_gpu_second_nanoton, payout_address, max_concurrent, running_tasks
+             FROM workers WHERE worker_id = 'w1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(worker.get::<_, i64>(0), 1_001);
+    assert_eq!(worker.get::<_, String>(1), "UQ-worker-1");
+    assert_eq!(worker.get::<_, i32>(2), 4);
+
     let (_, status_counts, stats) = sums(&env, "public").await;
     assert_eq!(
         status_counts,
