@@ -642,3 +642,106 @@ async fn a_rebuild_that_does_not_verify_swaps_nothing_and_lists_the_differences(
     }
     assert_eq!(sums(&env, "public").await, before, "nothing swapped");
 }
+
+#[tokio::test]
+async fn status_shows_lag_and_reset_and_replay_apply_frames_again() {
+    let env = env().await;
+    publish(&env.bus, &events::sample::lifecycle(20, 2)).await;
+    run_until_idle(config(&env, "public", "projector")).await;
+    let c = env.db.client().await;
+
+    // Lag: frames published after the projector stopped.
+    let later = events::sample::lifecycle(4, 1);
+    let later_on_tasks = later
+        .iter()
+        .filter(|r| r.event.stream() == Stream::Tasks)
+        .count() as u64;
+    publish(&env.bus, &later).await;
+    let (rows, dead) = projector::ops::status(
+        &env.bus.jetstream,
+        &c,
+        &Projection::ALL,
+        events::Partitions::DEFAULT,
+    )
+    .await
+    .unwrap();
+    let tasks_lag: u64 = rows
+        .iter()
+        .filter(|r| r.stream == Stream::Tasks)
+        .map(|r| r.lag_events)
+        .sum();
+    assert_eq!(tasks_lag, later_on_tasks);
+    assert!(
+        rows.iter()
+            .filter(|r| r.lag_frames > 0)
+            .all(|r| r.head > r.checkpoint && r.lag_seconds >= 0.0)
+    );
+    assert!(dead.is_empty());
+    run_until_idle(config(&env, "public", "projector")).await;
+    let (rows, _) = projector::ops::status(
+        &env.bus.jetstream,
+        &c,
+        &Projection::ALL,
+        events::Partitions::DEFAULT,
+    )
+    .await
+    .unwrap();
+    assert!(rows.iter().all(|r| r.lag_frames == 0 && r.lag_events == 0));
+    let good = sums(&env, "public").await;
+
+    // Damage a row, then replay the TASKS stream: the joins put it right, checkpoints stay where they were.
+    let damage = "UPDATE tasks SET gpu_millis = 1, status = 'submitted'
+                  WHERE task_id = (SELECT task_id FROM tasks WHERE status = 'completed' ORDER BY task_id LIMIT 1)";
+    c.execute(damage, &[]).await.unwrap();
+    assert_ne!(sums(&env, "public").await, good);
+    let mut seen = Vec::new();
+    let (frames, events) = projector::ops::replay(
+        &config(&env, "public", "projector"),
+        Projection::Tasks,
+        Stream::Tasks,
+        1,
+        None,
+        &mut |p| seen.push(p),
+    )
+    .await
+    .unwrap();
+    assert!(frames > 0 && events > 0);
+    assert!(!seen.is_empty(), "replay reports progress");
+    assert_eq!(sums(&env, "public").await, good);
+
+    // Same damage, repaired by a reset to the start and a restart of the projector.
+    c.execute(damage, &[]).await.unwrap();
+    let moved = projector::ops::reset(
+        &env.bus.jetstream,
+        &c,
+        Projection::Tasks,
+        projector::ops::ResetTo::Sequence(1),
+        "projector",
+    )
+    .await
+    .unwrap();
+    assert_eq!(moved.len(), Projection::Tasks.streams().len());
+    let floor: i64 = c
+        .query_one(
+            "SELECT max(last_sequence) FROM projection_checkpoints WHERE projection = 'tasks'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(floor, 0);
+    run_until_idle(config(&env, "public", "projector")).await;
+    assert_eq!(sums(&env, "public").await, good);
+
+    // A reset by time to the future moves nothing.
+    let moved = projector::ops::reset(
+        &env.bus.jetstream,
+        &c,
+        Projection::Tasks,
+        projector::ops::ResetTo::Since(events::Timestamp::from_micros(4_102_444_800_000_000)),
+        "projector",
+    )
+    .await
+    .unwrap();
+    assert!(moved.is_empty());
+}
