@@ -6,7 +6,9 @@
 //! stream and is timed from the first publish until every event is acknowledged (`flush` returned Ok, or the
 //! last ack future resolved). After the clock stops, the stream is read back (headers only) and the run fails
 //! unless the frames in the stream carry exactly the events that were sent: a benchmark that lost events
-//! silently would be worthless.
+//! silently would be worthless. The benchmark shares the machine with whatever else runs there: it waits for an
+//! idle second before each run, measures the CPU time of every other process during the run, and runs a
+//! disturbed run again (`--max-interference`, `--retries`, `--max-wait-s`).
 //!
 //! Scenarios (comma-separated; `name:K` publishes from K concurrent tasks sharing one publisher):
 //! - `frames50-zstd`: the bus `Publisher` with its defaults (frames of 50, linger 5 ms, 64 frames of 50 in
@@ -87,6 +89,10 @@ struct PublishArgs {
     /// How many times a run disturbed by other processes is run again.
     #[arg(long, default_value_t = 3)]
     retries: usize,
+    /// Before each run, wait (in total over the whole benchmark, at most this many seconds) until the
+    /// machine has been idle for a second: other processes below `--max-interference` of one core.
+    #[arg(long, default_value_t = 900)]
+    max_wait_s: u64,
     /// Events published (untimed) before the first run, to warm up the server and the connection.
     #[arg(long, default_value_t = 50_000)]
     warmup_events: usize,
@@ -176,6 +182,12 @@ struct RunResult {
 impl RunResult {
     fn events_per_s(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Other processes used more than `max_share` of one core during the run. /proc/stat counts in clock
+    /// ticks (10 ms): a few ticks of background are not interference.
+    fn disturbed(&self, max_share: f64) -> bool {
+        self.other_cpu > (max_share * self.elapsed.as_secs_f64()).max(0.03)
     }
 }
 
@@ -292,17 +304,22 @@ async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
         let sub = Arc::new(records[..n].to_vec());
         reset_stream(&js).await?;
         let r = run_publisher(&js, &warm, &args, sub).await?;
-        println!(
+        let line = format!(
             "- warm-up: {n} events in {:.2} s (untimed for the table)",
             r.elapsed.as_secs_f64()
         );
+        println!("{line}");
+        writeln!(header, "{line}")?;
     }
 
     let mut results: Vec<Vec<RunResult>> = vec![Vec::new(); args.scenarios.len()];
     let mut redone = vec![0usize; args.scenarios.len()];
+    let mut wait_budget = Duration::from_secs(args.max_wait_s);
+    let mut run_log = Vec::new();
     for run in 1..=args.runs {
         for (i, scenario) in args.scenarios.iter().enumerate() {
             for attempt in 0..=args.retries {
+                wait_for_quiet(&args, &mut wait_budget).await;
                 let r = timed_run(
                     &js,
                     scenario,
@@ -314,10 +331,8 @@ async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
                 )
                 .await
                 .with_context(|| format!("run {run} of {}", scenario.label))?;
-                // /proc/stat counts in clock ticks (10 ms): a few ticks of background are not interference.
-                let noisy =
-                    r.other_cpu > (args.max_interference * r.elapsed.as_secs_f64()).max(0.03);
-                eprintln!(
+                let noisy = r.disturbed(args.max_interference);
+                let line = format!(
                     "run {run}/{} {:<18} {:>9.0} events/s  {:>8.0} frames/s  {:>6.1} MB/s  {:.2} s  \
                      cpu: client {:.2} s, server {:.2} s, other processes {:.2} s, steal {:.2} s{}",
                     args.runs,
@@ -336,6 +351,8 @@ async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
                         _ => "",
                     }
                 );
+                eprintln!("{line}");
+                run_log.push(line);
                 if noisy && attempt < args.retries {
                     redone[i] += 1;
                     continue;
@@ -356,6 +373,14 @@ async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
     report.push_str(&header);
     writeln!(report, "- finished (UTC): {ended_at}\n")?;
     report.push_str(&table);
+    writeln!(
+        report,
+        "\nEvery run, in order (redone runs included):\n\n```"
+    )?;
+    for line in &run_log {
+        writeln!(report, "{line}")?;
+    }
+    writeln!(report, "```")?;
     println!();
     print!("{table}");
 
@@ -371,6 +396,38 @@ async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
     std::fs::write(&out, &report).with_context(|| format!("write {}", out.display()))?;
     println!("\nreport written to {}", out.display());
     Ok(())
+}
+
+/// Waits until other processes used less than `--max-interference` of one core during one second, or until
+/// the waiting budget is spent. The server and this process are idle between runs, so the whole machine's
+/// busy time is the others'.
+async fn wait_for_quiet(args: &PublishArgs, budget: &mut Duration) {
+    let window = Duration::from_secs(1);
+    let mut announced = false;
+    loop {
+        let Some(before) = system_cpu_seconds() else {
+            return;
+        };
+        tokio::time::sleep(window).await;
+        let Some(after) = system_cpu_seconds() else {
+            return;
+        };
+        let busy = (after.0 - before.0) / window.as_secs_f64();
+        if busy <= args.max_interference.max(0.03) {
+            return;
+        }
+        if *budget < window {
+            if announced {
+                eprintln!("  (waiting budget spent; running anyway)");
+            }
+            return;
+        }
+        *budget -= window;
+        if !announced {
+            eprintln!("  (machine busy: {:.0}% of a core; waiting)", busy * 100.0);
+            announced = true;
+        }
+    }
 }
 
 /// One run of one scenario on a fresh stream, with the CPU time of everyone during it, verified.
@@ -979,6 +1036,18 @@ fn render_verdict(args: &PublishArgs, results: &[Vec<RunResult>]) -> String {
             .map(|i| median(results[i].iter().map(RunResult::events_per_s).collect()))
     };
     let mut v = String::new();
+    let disturbed: usize = results
+        .iter()
+        .flatten()
+        .filter(|r| r.disturbed(args.max_interference))
+        .count();
+    if disturbed > 0 {
+        let _ = writeln!(
+            v,
+            "- **warning**: {disturbed} of the runs in the table were disturbed by other processes (see the column \
+             \"other processes' CPU\"); their figures are low. Run again on a quiet machine."
+        );
+    }
     if let Some(frames) = median_of("frames50-zstd") {
         let _ = writeln!(
             v,
