@@ -267,3 +267,11 @@ fn records_render_as_json_for_operators() {
     assert_eq!(json["data"]["spec"]["priority"], 5);
     assert_eq!(json["envelope"]["schema_version"], 1);
 }
+
+#[test]
+fn sized_samples_encode_to_the_asked_size() {
+    for size in [350, 400, 1000] {
+        let len = encode_event(&task_submitted_of_size(size)).unwrap().len();
+        assert_eq!(len, size, "asked for {size}");
+    }
+}
