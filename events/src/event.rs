@@ -96,9 +96,9 @@ macro_rules! registry {
                 match self { $($( Event::$kind(_) => $kind::STREAM, )+)+ }
             }
 
-            /// The payload alone, MessagePack with named fields.
-            pub(crate) fn encode_payload(&self) -> Result<Vec<u8>, rmp_serde::encode::Error> {
-                match self { $($( Event::$kind(p) => rmp_serde::to_vec_named(p), )+)+ }
+            /// The payload alone, MessagePack with named fields, appended to `out`.
+            pub(crate) fn encode_payload_into(&self, out: &mut Vec<u8>) -> Result<(), rmp_serde::encode::Error> {
+                match self { $($( Event::$kind(p) => rmp_serde::encode::write_named(out, p), )+)+ }
             }
 
             /// Decodes a payload written as `kind` at `version`; the place where upcasters go.

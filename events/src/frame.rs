@@ -216,18 +216,40 @@ struct WireEventIn<'a> {
 
 /// Encodes one event as a frame element.
 pub fn encode_event(record: &EventRecord) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(512);
+    encode_event_into(record, &mut out)?;
+    Ok(out)
+}
+
+thread_local! {
+    /// Scratch space for payloads, so encoding an event allocates nothing once warm.
+    static PAYLOAD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Appends one event, encoded as a frame element, to `out`.
+pub fn encode_event_into(record: &EventRecord, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let kind = record.event.kind();
     let serialize_err = |e: rmp_serde::encode::Error| EncodeError::Serialize {
         kind,
         reason: e.to_string(),
     };
-    let data = record.event.encode_payload().map_err(serialize_err)?;
-    rmp_serde::to_vec_named(&WireEventOut {
-        kind,
-        envelope: &record.envelope,
-        data: &data,
+    PAYLOAD.with(|scratch| {
+        let mut data = scratch.borrow_mut();
+        data.clear();
+        record
+            .event
+            .encode_payload_into(&mut data)
+            .map_err(serialize_err)?;
+        rmp_serde::encode::write_named(
+            out,
+            &WireEventOut {
+                kind,
+                envelope: &record.envelope,
+                data: &data,
+            },
+        )
+        .map_err(serialize_err)
     })
-    .map_err(serialize_err)
 }
 
 /// Accumulates encoded events for one frame. Reusable: `finish` empties it.
