@@ -2,7 +2,9 @@
 # Every target installs what it needs (nats-server 2.15.1 and Postgres, through infra/stack.sh).
 
 CARGO ?= cargo
-COCOON = target/debug/cocoon
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+COCOON = $(TARGET_DIR)/debug/cocoon
+PROJECTOR = $(TARGET_DIR)/debug/projector
 
 .PHONY: run test lint bench stack-up stack-down clean-stack
 
@@ -13,7 +15,7 @@ run: stack-up
 	$(COCOON) dev up
 	$(COCOON) dev demo --tasks 3
 	$(COCOON) events dump --limit 25
-	target/debug/projector --until-idle
+	$(PROJECTOR) --until-idle
 	$(COCOON) projections status
 
 ## test: start the stack and run the whole test suite against real nats-server and Postgres
