@@ -72,6 +72,11 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(7, "payments", "0007_payments.sql"),
     migration!(8, "dashboard", "0008_dashboard.sql"),
     migration!(9, "projection_ordering", "0009_projection_ordering.sql"),
+    migration!(
+        10,
+        "counter_triggers_without_joins",
+        "0010_counter_triggers_without_joins.sql"
+    ),
 ];
 
 /// What a [`migrate`] call did.
