@@ -371,6 +371,65 @@ fn dependent_views(projection: Projection) -> &'static [&'static str] {
     }
 }
 
+/// The counter triggers of a projection's tables, re-created on a swap so that they call the live schema's
+/// functions (a trigger keeps the function it was created with, which for moved tables is the shadow's).
+fn retrigger_sql(projection: Projection, schema: &str) -> String {
+    let triggers: &[(&str, &str, &str, &str)] = match projection {
+        Projection::Tasks => &[
+            (
+                "tasks",
+                "tasks_count_insert",
+                "INSERT",
+                "NEW TABLE AS new_rows",
+            ),
+            (
+                "tasks",
+                "tasks_count_update",
+                "UPDATE",
+                "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+            ),
+        ],
+        Projection::Workers => &[
+            (
+                "workers",
+                "workers_count_insert",
+                "INSERT",
+                "NEW TABLE AS new_rows",
+            ),
+            (
+                "workers",
+                "workers_count_update",
+                "UPDATE",
+                "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+            ),
+        ],
+        Projection::Payments => &[
+            (
+                "payment_accruals",
+                "accruals_sum_insert",
+                "INSERT",
+                "NEW TABLE AS new_rows",
+            ),
+            (
+                "settlement_payouts",
+                "payouts_sum_update",
+                "UPDATE",
+                "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+            ),
+        ],
+    };
+    triggers
+        .iter()
+        .map(|(table, name, event, tables)| {
+            format!(
+                "DROP TRIGGER {name} ON {schema}.{table};\n\
+                 CREATE TRIGGER {name} AFTER {event} ON {schema}.{table} REFERENCING {tables} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{name}();\n"
+            )
+        })
+        .collect()
+}
+
 /// Counters derived from a projection's tables, recomputed from the new tables on a swap.
 fn recount_sql(projection: Projection) -> &'static str {
     match projection {
@@ -553,6 +612,7 @@ pub async fn rebuild(
                 "ALTER VIEW {live_schema}.{v} SET SCHEMA {retired};\nALTER VIEW {shadow}.{v} SET SCHEMA {live_schema};\n"
             );
         }
+        sql += &retrigger_sql(projection, &live_schema);
         sql += &format!(
             "SET LOCAL search_path TO {live_schema};\n{}",
             recount_sql(projection)

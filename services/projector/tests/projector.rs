@@ -611,6 +611,21 @@ async fn a_rebuild_verifies_and_swaps_while_the_live_projection_serves_reads() {
         .unwrap()
         .get(0);
     assert!(retired >= 40, "the old tables are kept for rollback");
+    // The swapped tables' counter triggers call the live schema's functions, not the shadow's.
+    let schemas: Vec<String> = c
+        .query(
+            "SELECT DISTINCT n.nspname::text FROM pg_trigger t
+             JOIN pg_class r ON r.oid = t.tgrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
+             JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE rn.nspname = 'public' AND r.relname = 'tasks' AND NOT t.tgisinternal",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(schemas, vec!["public".to_string()]);
 }
 
 #[tokio::test]
