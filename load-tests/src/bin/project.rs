@@ -38,6 +38,7 @@
 //! `project rebuild` publishes the events, lets a live projector catch up, then times
 //! `projector::ops::rebuild` of each projection (shadow build, catch-up, verification, swap).
 
+use load_tests::machine::{clock_ticks, cpu_seconds, date_utc, find_server_pid};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -823,24 +824,6 @@ fn busiest_others(before: &BTreeMap<u32, (String, f64)>, own: u32, nats: Option<
         .join(", ")
 }
 
-/// The pid of the nats-server listening on `port`.
-fn find_server_pid(port: u16) -> Option<u32> {
-    let port = port.to_string();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let is_server = args.first()?.ends_with(b"nats-server");
-            let on_port = args
-                .windows(2)
-                .any(|w| w[0] == b"-p" && w[1] == port.as_bytes());
-            (is_server && on_port).then_some(pid)
-        })
-}
-
 fn system_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<f64> = stat
@@ -855,29 +838,6 @@ fn system_busy_seconds() -> Option<f64> {
         .map(|&i| fields.get(i).copied().unwrap_or(0.0))
         .sum::<f64>();
     Some(busy / clock_ticks())
-}
-
-/// utime + stime of a process (all its threads), in seconds.
-fn cpu_seconds(stat_path: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(stat_path).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 /// Samples what the benchmark database's backends are doing every 20 ms (`pg_stat_activity`): a cheap profile
@@ -1028,16 +988,6 @@ fn thousands(value: f64) -> String {
         out.push(c);
     }
     if v < 0 { format!("-{out}") } else { out }
-}
-
-fn date_utc() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn machine() -> String {
