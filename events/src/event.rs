@@ -103,13 +103,29 @@ macro_rules! registry {
 
             /// Decodes a payload written as `kind` at `version`; the place where upcasters go.
             pub fn decode_payload(kind: &str, version: u16, bytes: &[u8]) -> Result<Event, PayloadError> {
-                match kind {
-                    $($( stringify!($kind) => decode_current::<$kind>(version, bytes), )+)+
+                match (kind, version) {
+                    ("WorkerRegistered", 1) => decode_legacy::<crate::workers::legacy::WorkerRegisteredV1, WorkerRegistered>(kind, version, bytes),
+                    $($( (stringify!($kind), _) => decode_current::<$kind>(version, bytes), )+)+
                     _ => Err(PayloadError::UnknownType { kind: kind.to_owned() }),
                 }
             }
         }
     };
+}
+
+/// Decodes an old version `L` of a payload and upcasts it to the current type `T`.
+fn decode_legacy<L, T>(kind: &str, version: u16, bytes: &[u8]) -> Result<Event, PayloadError>
+where
+    L: DeserializeOwned + Into<T>,
+    T: EventPayload,
+{
+    rmp_serde::from_slice::<L>(bytes)
+        .map(|old| Into::<T>::into(old).into())
+        .map_err(|e| PayloadError::Invalid {
+            kind: kind.to_owned(),
+            version,
+            reason: e.to_string(),
+        })
 }
 
 fn decode_current<T: EventPayload>(version: u16, bytes: &[u8]) -> Result<Event, PayloadError> {
@@ -146,7 +162,7 @@ registry! {
         AllocationRevoked = 1,
     ],
     Workers => [
-        WorkerRegistered = 1,
+        WorkerRegistered = 2,
         WorkerHeartbeat = 1,
         WorkerDraining = 1,
         WorkerDeregistered = 1,

@@ -157,6 +157,7 @@ pub fn all_events() -> Vec<Event> {
             max_concurrent_tasks: 4,
             public_key: vec![7; 32],
             agent_version: "0.1.0".to_owned(),
+            model_tags: vec!["llama-3-70b".to_owned()],
         }
         .into(),
         WorkerHeartbeat {
@@ -340,6 +341,7 @@ pub fn lifecycle(tasks: usize, workers: usize) -> Vec<EventRecord> {
                 max_concurrent_tasks: 4,
                 public_key: vec![w as u8; 32],
                 agent_version: "test".into(),
+                model_tags: Vec::new(),
             },
         );
         let submitted = EventRecord::caused_by(

@@ -31,6 +31,45 @@ pub struct WorkerRegistered {
     #[serde(with = "serde_bytes")]
     pub public_key: Vec<u8>,
     pub agent_version: String,
+    /// Model tags this worker serves (v2). Empty: it takes any model. A task with a tag fits only a worker that
+    /// lists it or lists none.
+    pub model_tags: Vec<String>,
+}
+
+/// Older payload versions, kept so that every event ever written still decodes (see [`crate::event`]).
+pub mod legacy {
+    use super::*;
+
+    /// `WorkerRegistered` v1: before `model_tags`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct WorkerRegisteredV1 {
+        pub worker_id: WorkerId,
+        pub gpus: Vec<GpuInfo>,
+        pub price_per_gpu_second: Nanoton,
+        pub payout_address: String,
+        pub region: String,
+        pub max_concurrent_tasks: u32,
+        #[serde(with = "serde_bytes")]
+        pub public_key: Vec<u8>,
+        pub agent_version: String,
+    }
+
+    impl From<WorkerRegisteredV1> for WorkerRegistered {
+        /// A v1 worker named no tags, so it takes any model.
+        fn from(v1: WorkerRegisteredV1) -> Self {
+            WorkerRegistered {
+                worker_id: v1.worker_id,
+                gpus: v1.gpus,
+                price_per_gpu_second: v1.price_per_gpu_second,
+                payout_address: v1.payout_address,
+                region: v1.region,
+                max_concurrent_tasks: v1.max_concurrent_tasks,
+                public_key: v1.public_key,
+                agent_version: v1.agent_version,
+                model_tags: Vec::new(),
+            }
+        }
+    }
 }
 
 /// One GPU's telemetry at heartbeat time.

@@ -42,6 +42,7 @@ pub async fn run(conn: &Connection, tasks: usize) -> anyhow::Result<()> {
             max_concurrent_tasks: 4,
             public_key: vec![7; 32],
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            model_tags: Vec::new(),
         },
     );
     let quote = AttestationSubmitted {

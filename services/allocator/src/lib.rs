@@ -1,0 +1,1 @@
+//! `allocator`: see the crate description.
