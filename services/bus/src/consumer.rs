@@ -380,3 +380,73 @@ impl RangeReader {
         Ok(out)
     }
 }
+
+/// Follows a stream in order from a sequence, without end, through an ephemeral ordered consumer: no durable
+/// state, no acks. Services that keep their state in memory (the allocator) rebuild it with one of these per
+/// stream and then keep reading live.
+pub struct Follower {
+    messages: jetstream::consumer::pull::Ordered,
+    stream: Stream,
+}
+
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower")
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Follower {
+    /// Frames of `stream` on `subjects` (all when empty) from sequence `from` (1 = the beginning).
+    pub async fn open(
+        js: &jetstream::Context,
+        stream: Stream,
+        subjects: Vec<String>,
+        from: u64,
+    ) -> Result<Self, ConsumeError> {
+        let name = stream.name();
+        let consumer_err = |e: &dyn std::fmt::Display| ConsumeError::Consumer {
+            stream: name,
+            durable: "(ordered)".into(),
+            reason: e.to_string(),
+        };
+        let handle = stream_of(js, stream).await?;
+        let consumer = handle
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subjects: subjects,
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| consumer_err(&e))?;
+        let messages = consumer.messages().await.map_err(|e| consumer_err(&e))?;
+        Ok(Self { messages, stream })
+    }
+
+    /// The next frame; waits for one to be published. `None` when the subscription ended.
+    pub async fn next(&mut self) -> Option<Result<ReceivedFrame, ConsumeError>> {
+        let message = self.messages.next().await?;
+        Some(
+            message
+                .map_err(|e| ConsumeError::Fetch {
+                    durable: format!("(ordered {})", self.stream.name()),
+                    reason: e.to_string(),
+                })
+                .and_then(|m| received_frame(&m)),
+        )
+    }
+}
+
+/// The last sequence stored in `stream` (0 when empty).
+pub async fn last_sequence(js: &jetstream::Context, stream: Stream) -> Result<u64, ConsumeError> {
+    let mut handle = stream_of(js, stream).await?;
+    let info = handle.info().await.map_err(|e| ConsumeError::Consumer {
+        stream: stream.name(),
+        durable: "(info)".into(),
+        reason: e.to_string(),
+    })?;
+    Ok(info.state.last_sequence)
+}

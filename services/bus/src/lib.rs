@@ -17,7 +17,8 @@ pub mod publisher;
 use std::time::Duration;
 
 pub use consumer::{
-    ConsumeError, ConsumerSpec, FetchedBatch, FrameConsumer, RangeReader, ReceivedFrame,
+    ConsumeError, ConsumerSpec, FetchedBatch, Follower, FrameConsumer, RangeReader, ReceivedFrame,
+    last_sequence,
 };
 pub use provision::{ProvisionError, ProvisionOutcome, ProvisionReport, provision_streams};
 pub use publisher::{Position, PublishError, Publisher, PublisherConfig, Receipt};
