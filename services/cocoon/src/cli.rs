@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
-/// Operate a Cocoon GPU Pool: the dev stack, the event log.
+/// Operate a Cocoon GPU Pool: the dev stack, the event log, tasks, results and workers.
 #[derive(Debug, Parser)]
 #[command(name = "cocoon", version, about)]
 pub struct Cli {
@@ -59,6 +59,132 @@ pub enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// Submit tasks and read their state (as a producer).
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+    /// Follow a client's results (as a consumer).
+    Results {
+        #[command(subcommand)]
+        command: ResultsCommand,
+    },
+    /// The pool's workers, from the read model.
+    Workers {
+        #[command(subcommand)]
+        command: WorkersCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TasksCommand {
+    /// Submit one task from flags, or many from a JSON Lines file; prints each new task id.
+    Submit(SubmitArgs),
+    /// One task's state from the read model.
+    Get {
+        /// The task id (a UUID).
+        task_id: String,
+    },
+    /// Tasks from the read model, newest first, as a table.
+    List(ListArgs),
+    /// Print a task's state each time it changes, until it is final (or Ctrl-C).
+    Watch {
+        /// The task id (a UUID).
+        task_id: String,
+    },
+}
+
+/// `tasks submit`: one task from flags, or `--file` for many.
+#[derive(Debug, Clone, Args)]
+pub struct SubmitArgs {
+    /// Client id: results go to `results.<client>`.
+    #[arg(long = "client", value_name = "ID", required_unless_present = "file")]
+    pub client_id: Option<String>,
+    /// GPUs the task needs on one worker.
+    #[arg(long, default_value_t = client::request::DEFAULT_GPU_COUNT)]
+    pub gpus: u16,
+    /// GPU memory needed on each GPU, in MiB (0: any).
+    #[arg(long, default_value_t = client::request::DEFAULT_GPU_MEMORY_MIB)]
+    pub gpu_memory_mib: u64,
+    /// Model or affinity tag.
+    #[arg(long)]
+    pub model_tag: Option<String>,
+    /// 1 (lowest) to 10 (highest).
+    #[arg(long, default_value_t = client::request::DEFAULT_PRIORITY)]
+    pub priority: u8,
+    /// The most the client pays per GPU-second, in nanoton (no default: money is never guessed).
+    #[arg(long, value_name = "NANOTON", required_unless_present = "file")]
+    pub max_price: Option<u64>,
+    /// Wall-clock limit of one attempt, in milliseconds.
+    #[arg(long, default_value_t = client::request::DEFAULT_TIMEOUT_MS)]
+    pub timeout_ms: u64,
+    /// The task's input, as text.
+    #[arg(long, conflicts_with = "input_file")]
+    pub input: Option<String>,
+    /// The task's input, the bytes of this file.
+    #[arg(long, value_name = "PATH")]
+    pub input_file: Option<std::path::PathBuf>,
+    /// Submit every request of this JSON Lines file (`-`: stdin), one object per line; the whole file is
+    /// checked first, and nothing is submitted if a line is bad.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with_all = ["client_id", "gpus", "gpu_memory_mib", "model_tag", "priority", "max_price",
+            "timeout_ms", "input", "input_file"]
+    )]
+    pub file: Option<std::path::PathBuf>,
+    /// Then follow the task(s) until final; exits non-zero unless every task completed.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `tasks list`: which tasks.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Only tasks in this state (submitted, allocated, running, completed, failed, cancelled, requeued, expired,
+    /// rejected).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only this client's tasks.
+    #[arg(long = "client", value_name = "ID")]
+    pub client_id: Option<String>,
+    /// Only tasks whose current attempt is on this worker.
+    #[arg(long = "worker", value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ResultsCommand {
+    /// Print a client's results as they are stored (stream seq, task, attempt, worker, checksum, size, output
+    /// preview), and keep following until Ctrl-C or --limit.
+    Watch(ResultsWatchArgs),
+}
+
+/// `results watch`: whose results, from where.
+#[derive(Debug, Clone, Args)]
+pub struct ResultsWatchArgs {
+    /// The client whose results to follow (`results.<client>`).
+    #[arg(long = "client", value_name = "ID")]
+    pub client_id: String,
+    /// Start at this stream sequence (inclusive); default: every result the stream holds.
+    #[arg(long, conflicts_with = "new")]
+    pub from_seq: Option<u64>,
+    /// Only results stored from now on.
+    #[arg(long)]
+    pub new: bool,
+    /// Stop after this many results.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkersCommand {
+    /// Every worker the read model knows: status, admission (attested or not), price, load, GPUs (simulated ones
+    /// marked), last heartbeat.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

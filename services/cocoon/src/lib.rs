@@ -1,8 +1,9 @@
 //! `cocoon`: the operator command line of Cocoon GPU Pool.
 //!
-//! - consumes: any stream, read-only, through ephemeral ordered consumers (`events dump|tail|export`);
-//! - produces: sample events (`dev demo`), stream definitions (`provision`) and frames of an export file,
-//!   republished as they were stored (`events import`);
+//! - consumes: any stream, read-only, through ephemeral ordered consumers (`events dump|tail|export`,
+//!   `results watch`), and the read models (`tasks get|list|watch`, `workers list`);
+//! - produces: sample events (`dev demo`), stream definitions (`provision`), frames of an export file,
+//!   republished as they were stored (`events import`), and `TaskSubmitted` (`tasks submit`, through `client`);
 //! - owns: nothing; it drives `infra/stack.sh` for the embedded stack and the `schemas` migrator;
 //! - guarantees: reading the log never moves a durable consumer and never acks anything.
 
@@ -12,7 +13,10 @@ pub mod dev;
 pub mod dump;
 pub mod export;
 pub mod projections;
+pub mod results;
+pub mod tasks;
 pub mod when;
+pub mod workers;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -97,6 +101,15 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Projections { command } => projections::run(&cli.conn, command).await,
+        Command::Tasks { command } => {
+            tasks::run(&cli.conn, command, &mut std::io::stdout(), shutdown).await
+        }
+        Command::Results { command } => {
+            results::run(&cli.conn, command, &mut std::io::stdout(), shutdown).await
+        }
+        Command::Workers { command } => {
+            workers::run(&cli.conn, command, &mut std::io::stdout()).await
+        }
         Command::Migrate => {
             let report = dev::migrate(&cli.conn.database_url).await?;
             println!(
