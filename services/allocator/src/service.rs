@@ -105,10 +105,13 @@ pub async fn run(
 
     // Followers: one per input stream, all into one channel.
     let (tx, mut rx) = mpsc::channel::<Result<Arrival, AllocatorError>>(1024);
-    let followers = CancellationToken::new();
+    // Stops the helpers below however this function ends, dropped mid-run included: a dropped allocator
+    // neither follows streams nor renews its lease (nor gives it up: that is only done on an orderly stop).
+    let helpers = CancellationToken::new();
+    let _stop_helpers = helpers.clone().drop_guard();
     for stream in INPUTS {
         let follower = Follower::open(&bus.jetstream, stream, Vec::new(), 1).await?;
-        tokio::spawn(follow(stream, follower, tx.clone(), followers.clone()));
+        tokio::spawn(follow(stream, follower, tx.clone(), helpers.clone()));
     }
     drop(tx);
 
@@ -116,7 +119,7 @@ pub async fn run(
     let (epoch_tx, epoch_rx) = watch::channel(0u64);
     let (standing_tx, standing_rx) = watch::channel(Standing::Standby);
     let renew = lease.renew_interval();
-    let lease_cancel = cancel.child_token();
+    let lease_cancel = helpers.clone();
     let lease_task = tokio::spawn(async move {
         let mut interval = tokio::time::interval(renew);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -136,7 +139,6 @@ pub async fn run(
                 }
             }
         }
-        lease.release().await;
         lease
     });
 
@@ -260,12 +262,11 @@ pub async fn run(
         metrics::gauge!("allocator_workers_eligible").set(stats.workers_eligible as f64);
     };
 
-    followers.cancel();
-    cancel.cancel();
-    if let Ok(lease) = lease_task.await {
-        drop(lease);
-    }
+    helpers.cancel();
     let _ = publisher.flush().await;
+    if let Ok(mut lease) = lease_task.await {
+        lease.release().await;
+    }
     result.map(|()| report)
 }
 
