@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use events::allocations::{AllocationRevoked, ScoreBreakdown, TaskAllocated};
-use events::payload::TaskSpec;
+use events::payload::{Requirements, TaskSpec};
 use events::tasks::{RequeueReason, TaskExpired, TaskRejected, TaskRequeued};
 use events::workers::WorkerLost;
 use events::{
@@ -454,8 +454,32 @@ impl Pool {
         if self.queue.is_empty() {
             return out;
         }
+        // Needs that found no worker this round: a task needing at least as much cannot fit either, so it
+        // skips the search (which, in a full pool, would look at every worker).
+        let mut failed: Vec<Requirements> = Vec::new();
+        let mut failed_price: Vec<Nanoton> = Vec::new();
         for task_id in self.queue.peek_order(now, self.config.batch_size) {
-            match self.best_for(&task_id, now) {
+            let Some(spec) = self.tasks.get(&task_id).map(|t| &t.spec) else {
+                continue;
+            };
+            let hopeless = failed.iter().zip(&failed_price).any(|(f, price)| {
+                let r = &spec.requirements;
+                f.gpu_count <= r.gpu_count
+                    && f.gpu_memory_mib <= r.gpu_memory_mib
+                    && *price >= spec.max_price_per_gpu_second
+                    && (f.model_tag.is_none() || f.model_tag == r.model_tag)
+            });
+            let found = if hopeless {
+                None
+            } else {
+                let found = self.best_for(&task_id, now);
+                if found.is_none() && failed.len() < 64 {
+                    failed.push(spec.requirements.clone());
+                    failed_price.push(spec.max_price_per_gpu_second);
+                }
+                found
+            };
+            match found {
                 Some((slot, gpus, score)) => {
                     let record = self.allocation(task_id, slot, gpus, score, epoch, now);
                     self.apply(&record);
