@@ -45,7 +45,12 @@ async fn register_workers(publisher: &Publisher, names: &[&str]) {
             agent_version: "test".into(),
             model_tags: vec![],
         };
-        drop(publisher.publish(&EventRecord::new(producer(), registered)).await.unwrap());
+        drop(
+            publisher
+                .publish(&EventRecord::new(producer(), registered))
+                .await
+                .unwrap(),
+        );
         // Stands in for the attestor (issue 5): a verdict valid for an hour.
         let verdict = AttestationVerified {
             worker_id,
@@ -60,12 +65,21 @@ async fn register_workers(publisher: &Publisher, names: &[&str]) {
             },
             valid_until: Timestamp::now().saturating_add(Duration::from_secs(3_600)),
         };
-        drop(publisher.publish(&EventRecord::new(producer(), verdict)).await.unwrap());
+        drop(
+            publisher
+                .publish(&EventRecord::new(producer(), verdict))
+                .await
+                .unwrap(),
+        );
     }
     publisher.flush().await.unwrap();
 }
 
-fn heartbeats(publisher: Publisher, names: Vec<String>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+fn heartbeats(
+    publisher: Publisher,
+    names: Vec<String>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut sequence = 0;
         loop {
@@ -86,7 +100,12 @@ fn heartbeats(publisher: Publisher, names: Vec<String>, stop: CancellationToken)
                     running_tasks: vec![],
                     latency_us: Some(500),
                 };
-                drop(publisher.publish(&EventRecord::new(producer(), hb)).await.unwrap());
+                drop(
+                    publisher
+                        .publish(&EventRecord::new(producer(), hb))
+                        .await
+                        .unwrap(),
+                );
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -165,23 +184,42 @@ async fn the_standby_takes_over_within_seconds_and_no_task_is_allocated_twice() 
     let names = ["ha-w1", "ha-w2", "ha-w3"];
     register_workers(&publisher, &names).await;
     let stop = CancellationToken::new();
-    let beating = heartbeats(publisher.clone(), names.iter().map(|s| s.to_string()).collect(), stop.clone());
+    let beating = heartbeats(
+        publisher.clone(),
+        names.iter().map(|s| s.to_string()).collect(),
+        stop.clone(),
+    );
 
     // The first instance starts alone, so it is the one that takes the lease.
-    let first = tokio::spawn(allocator::run(bus.clone(), config("alloc-a"), CancellationToken::new()));
+    let first = tokio::spawn(allocator::run(
+        bus.clone(),
+        config("alloc-a"),
+        CancellationToken::new(),
+    ));
     let mut submitted = Vec::new();
     for _ in 0..100 {
         let t = task(5);
         submitted.push(t.task_id);
-        drop(publisher.publish(&EventRecord::new(producer(), t)).await.unwrap());
+        drop(
+            publisher
+                .publish(&EventRecord::new(producer(), t))
+                .await
+                .unwrap(),
+        );
     }
     publisher.flush().await.unwrap();
-    wait_for("the first 100 allocations", Duration::from_secs(20), async || {
-        allocations(&bus).await.len() >= 100
-    })
+    wait_for(
+        "the first 100 allocations",
+        Duration::from_secs(20),
+        async || allocations(&bus).await.len() >= 100,
+    )
     .await;
     let second_cancel = CancellationToken::new();
-    let second = tokio::spawn(allocator::run(bus.clone(), config("alloc-b"), second_cancel.clone()));
+    let second = tokio::spawn(allocator::run(
+        bus.clone(),
+        config("alloc-b"),
+        second_cancel.clone(),
+    ));
 
     // Keep submitting while the active instance dies without a word.
     let feeder = {
@@ -192,7 +230,12 @@ async fn the_standby_takes_over_within_seconds_and_no_task_is_allocated_twice() 
                 for _ in 0..5 {
                     let t = task(5);
                     ids.push(t.task_id);
-                    drop(publisher.publish(&EventRecord::new(producer(), t)).await.unwrap());
+                    drop(
+                        publisher
+                            .publish(&EventRecord::new(producer(), t))
+                            .await
+                            .unwrap(),
+                    );
                 }
                 publisher.flush().await.unwrap();
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -206,14 +249,19 @@ async fn the_standby_takes_over_within_seconds_and_no_task_is_allocated_twice() 
     assert!(first.await.unwrap_err().is_cancelled());
     submitted.extend(feeder.await.unwrap());
 
-    wait_for("every task allocated", Duration::from_secs(30), async || {
-        allocations(&bus).await.len() >= submitted.len()
-    })
+    wait_for(
+        "every task allocated",
+        Duration::from_secs(30),
+        async || allocations(&bus).await.len() >= submitted.len(),
+    )
     .await;
     let all = allocations(&bus).await;
     let mut per_task: HashMap<TaskId, Vec<(u32, u64)>> = HashMap::new();
     for (_, a) in &all {
-        per_task.entry(a.task_id).or_default().push((a.attempt, a.allocator_epoch));
+        per_task
+            .entry(a.task_id)
+            .or_default()
+            .push((a.attempt, a.allocator_epoch));
     }
     assert_eq!(per_task.len(), submitted.len(), "every task allocated");
     let twice: Vec<_> = per_task.iter().filter(|(_, v)| v.len() > 1).collect();
@@ -232,7 +280,10 @@ async fn the_standby_takes_over_within_seconds_and_no_task_is_allocated_twice() 
         .unwrap();
     let takeover_ms = first_of_standby.as_millis() - killed_at.as_millis();
     // Lease TTL 1.5 s, renewals every 0.5 s, then the catch-up with the log.
-    assert!(takeover_ms < 5_000, "the standby placed its first task {takeover_ms} ms after the kill");
+    assert!(
+        takeover_ms < 5_000,
+        "the standby placed its first task {takeover_ms} ms after the kill"
+    );
 
     second_cancel.cancel();
     let report = second.await.unwrap().unwrap();

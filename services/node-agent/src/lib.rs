@@ -204,6 +204,9 @@ pub async fn run(
     let drain = CancellationToken::new();
     let (queue_tx, queue_rx) = mpsc::unbounded_channel();
     let dispatcher = tokio::spawn(dispatch(agent.clone(), queue_rx, drain.clone()));
+    // If this future is dropped mid-run (its caller gone, as when the process dies), the heartbeats stop
+    // and the running attempts are dropped with their processes: a dead agent must look dead.
+    let _abort_on_drop = AbortOnDrop(vec![heartbeats.abort_handle(), dispatcher.abort_handle()]);
 
     let fatal = consume(&agent, &consumer, &queue_tx, &cancel).await;
 
@@ -251,6 +254,17 @@ pub async fn run(
     match fatal {
         Some(e) => Err(e.into()),
         None => Ok(report),
+    }
+}
+
+/// Aborts tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for handle in &self.0 {
+            handle.abort();
+        }
     }
 }
 
