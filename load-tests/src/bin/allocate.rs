@@ -63,7 +63,10 @@ fn record(event: impl Into<Event>, at: Timestamp) -> EventRecord {
 }
 
 fn build_pool(workers: usize, rng: &mut Rng, now: Timestamp) -> Pool {
-    let mut pool = Pool::new(PoolConfig::default(), ProducerId::new("allocator-bench").unwrap());
+    let mut pool = Pool::new(
+        PoolConfig::default(),
+        ProducerId::new("allocator-bench").unwrap(),
+    );
     for w in 0..workers {
         let worker_id = WorkerId::new(format!("w{w}")).unwrap();
         let gpus = [1u32, 2, 4, 8][rng.below(4) as usize];
