@@ -1614,6 +1614,57 @@ mod tests {
         assert!(p.allocate(at(4), 3).is_empty());
     }
 
+    #[test]
+    fn a_full_worker_serves_high_priority_first_and_aged_low_priority_before_newer_high() {
+        // One slot, so the queue order is the order of service. Aging: 5 s per band.
+        let mut p = pool();
+        worker(
+            &mut p,
+            W {
+                name: "w",
+                gpus: 1,
+                mib: 80_000,
+                price: 1,
+                max: 1,
+                tags: &[],
+            },
+            at(0),
+        );
+        let low = submit(&mut p, spec(1, 1, 10, 2, None), at(0));
+        let medium = submit(&mut p, spec(1, 1, 10, 5, None), at(0));
+        let high = submit(&mut p, spec(1, 1, 10, 9, None), at(0));
+        let mut served = Vec::new();
+        let mut now = 1;
+        let mut serve = |p: &mut Pool, now: i64| {
+            heartbeat(p, "w", &[(0, 0)], None, at(now));
+            let (task, _, attempt) = allocated(&p.allocate(at(now), 1)).remove(0);
+            p.apply(&rec(
+                TaskCompleted {
+                    task_id: task,
+                    worker_id: wid("w"),
+                    attempt,
+                    usage: Usage {
+                        gpu_millis: GpuMillis(1),
+                        peak_gpu_memory_mib: None,
+                        wall_ms: 1,
+                    },
+                },
+                at(now),
+            ));
+            task
+        };
+        served.push(serve(&mut p, now));
+        served.push(serve(&mut p, now));
+        assert_eq!(served, vec![high, medium], "bands first");
+        // A new high task arrives at 11 s, when the low one has waited 11 s (two bands' worth): the low
+        // one goes first, then the newer high one.
+        now = 11;
+        let newer_high = submit(&mut p, spec(1, 1, 10, 10, None), at(now));
+        served.push(serve(&mut p, now));
+        served.push(serve(&mut p, now));
+        assert_eq!(served, vec![high, medium, low, newer_high]);
+    }
+
     proptest! {
         /// The indexed search finds a worker with the highest score among all that fit, as brute force would.
         #[test]
