@@ -1635,7 +1635,7 @@ mod tests {
         let high = submit(&mut p, spec(1, 1, 10, 9, None), at(0));
         let mut served = Vec::new();
         let mut now = 1;
-        let mut serve = |p: &mut Pool, now: i64| {
+        let serve = |p: &mut Pool, now: i64| {
             heartbeat(p, "w", &[(0, 0)], None, at(now));
             let (task, _, attempt) = allocated(&p.allocate(at(now), 1)).remove(0);
             p.apply(&rec(
