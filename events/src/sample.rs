@@ -566,3 +566,37 @@ pub fn lifecycle(tasks: usize, workers: usize) -> Vec<EventRecord> {
     }
     out
 }
+
+/// What the attestor would publish for a worker whose quote verified: the submission and its verdict, valid
+/// until `valid_until`. A stand-in for tests and benchmarks that need attested workers without verifying a
+/// quote; the quote, key and nonce are placeholders, not a TDX quote.
+pub fn stand_in_attestation(worker: &WorkerId, valid_until: Timestamp) -> [EventRecord; 2] {
+    let producer = ProducerId::new("attestor-standin").expect("valid id");
+    let submitted = EventRecord::new(
+        producer.clone(),
+        AttestationSubmitted {
+            worker_id: worker.clone(),
+            quote: b"stand-in quote".to_vec(),
+            public_key: vec![0; 32],
+            nonce: vec![0; 32],
+        },
+    );
+    let verdict = EventRecord::caused_by(
+        &submitted.envelope,
+        producer,
+        AttestationVerified {
+            worker_id: worker.clone(),
+            quote_hash: "stand-in".into(),
+            tcb_status: "UpToDate".into(),
+            measurements: Measurements {
+                mrtd: String::new(),
+                rtmr0: String::new(),
+                rtmr1: String::new(),
+                rtmr2: String::new(),
+                rtmr3: String::new(),
+            },
+            valid_until,
+        },
+    );
+    [submitted, verdict]
+}

@@ -19,10 +19,7 @@ use allocator::{AllocatorConfig, PoolConfig};
 use bus::{Bus, Follower, Publisher, PublisherConfig, provision_streams};
 use clap::Parser;
 use client::{Producer, ProducerConfig, TaskRequest};
-use events::attestations::{AttestationSubmitted, AttestationVerified, Measurements};
-use events::{
-    CodecConfig, Event, EventRecord, Nanoton, ProducerId, Stream, TaskId, Timestamp, WorkerId,
-};
+use events::{CodecConfig, Event, Nanoton, Stream, TaskId, Timestamp, WorkerId};
 use node_agent::{AgentConfig, GpuSource, SimulatedExecutor};
 use tokio_util::sync::CancellationToken;
 
@@ -121,39 +118,10 @@ fn request(i: usize) -> TaskRequest {
 
 async fn attest(publisher: &Publisher, worker: &WorkerId) -> anyhow::Result<()> {
     // Stands in for the attestor (issue 5), so the allocator runs with its production policy.
-    let producer = ProducerId::new("attestor-standin")?;
-    let submitted = EventRecord::new(
-        producer.clone(),
-        AttestationSubmitted {
-            worker_id: worker.clone(),
-            quote: b"bench".to_vec(),
-            public_key: vec![0; 32],
-            nonce: vec![0; 32],
-        },
-    );
-    drop(publisher.publish(&submitted).await?);
-    let verdict = AttestationVerified {
-        worker_id: worker.clone(),
-        quote_hash: "bench".into(),
-        tcb_status: "UpToDate".into(),
-        measurements: Measurements {
-            mrtd: String::new(),
-            rtmr0: String::new(),
-            rtmr1: String::new(),
-            rtmr2: String::new(),
-            rtmr3: String::new(),
-        },
-        valid_until: Timestamp::now().saturating_add(Duration::from_secs(86_400)),
-    };
-    drop(
-        publisher
-            .publish(&EventRecord::caused_by(
-                &submitted.envelope,
-                producer,
-                verdict,
-            ))
-            .await?,
-    );
+    let until = Timestamp::now().saturating_add(Duration::from_secs(86_400));
+    for record in events::sample::stand_in_attestation(worker, until) {
+        drop(publisher.publish(&record).await?);
+    }
     Ok(())
 }
 

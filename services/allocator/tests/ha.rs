@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use allocator::{AllocatorConfig, PoolConfig};
 use bus::{Bus, Publisher, PublisherConfig, RangeReader, provision_streams};
-use events::attestations::{AttestationVerified, Measurements};
 use events::payload::{Blob, Priority, Requirements, TaskSpec};
 use events::tasks::TaskSubmitted;
 use events::workers::{GpuInfo, GpuTelemetry, WorkerHeartbeat, WorkerRegistered};
@@ -52,25 +51,10 @@ async fn register_workers(publisher: &Publisher, names: &[&str]) {
                 .unwrap(),
         );
         // Stands in for the attestor (issue 5): a verdict valid for an hour.
-        let verdict = AttestationVerified {
-            worker_id,
-            quote_hash: "test".into(),
-            tcb_status: "UpToDate".into(),
-            measurements: Measurements {
-                mrtd: String::new(),
-                rtmr0: String::new(),
-                rtmr1: String::new(),
-                rtmr2: String::new(),
-                rtmr3: String::new(),
-            },
-            valid_until: Timestamp::now().saturating_add(Duration::from_secs(3_600)),
-        };
-        drop(
-            publisher
-                .publish(&EventRecord::new(producer(), verdict))
-                .await
-                .unwrap(),
-        );
+        let until = Timestamp::now().saturating_add(Duration::from_secs(3_600));
+        for record in events::sample::stand_in_attestation(&worker_id, until) {
+            drop(publisher.publish(&record).await.unwrap());
+        }
     }
     publisher.flush().await.unwrap();
 }

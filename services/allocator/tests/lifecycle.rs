@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 use allocator::{AllocatorConfig, PoolConfig};
 use bus::{Bus, Publisher, PublisherConfig, RangeReader, provision_streams};
 use client::{Producer, ProducerConfig, ReadModel, ResultStream, StartAt, TaskRequest, TaskStatus};
-use events::attestations::{AttestationSubmitted, AttestationVerified, Measurements};
 use events::tasks::RequeueReason;
 use events::{
-    ClientId, CodecConfig, Event, EventRecord, Nanoton, ProducerId, Stream, TaskId, Timestamp,
-    WorkerId,
+    ClientId, CodecConfig, Event, EventRecord, Nanoton, Stream, TaskId, Timestamp, WorkerId,
 };
 use node_agent::{AgentConfig, ExecConfig, ExecExecutor, GpuSource};
 use tests::{NatsServer, TestDb};
@@ -106,32 +104,10 @@ impl Pool {
 
     /// Stands in for the attestor: a quote submission and its verdict for `name`, valid for an hour.
     async fn attest(&self, name: &str) {
-        let producer = ProducerId::new("attestor-standin").unwrap();
-        let submitted = EventRecord::new(
-            producer.clone(),
-            AttestationSubmitted {
-                worker_id: WorkerId::new(name).unwrap(),
-                quote: b"stand-in quote".to_vec(),
-                public_key: vec![0; 32],
-                nonce: vec![1; 32],
-            },
-        );
-        drop(self.publisher.publish(&submitted).await.unwrap());
-        let verdict = AttestationVerified {
-            worker_id: WorkerId::new(name).unwrap(),
-            quote_hash: "e2e".into(),
-            tcb_status: "UpToDate".into(),
-            measurements: Measurements {
-                mrtd: String::new(),
-                rtmr0: String::new(),
-                rtmr1: String::new(),
-                rtmr2: String::new(),
-                rtmr3: String::new(),
-            },
-            valid_until: Timestamp::now().saturating_add(Duration::from_secs(3_600)),
-        };
-        let record = EventRecord::caused_by(&submitted.envelope, producer, verdict);
-        drop(self.publisher.publish(&record).await.unwrap());
+        let until = Timestamp::now().saturating_add(Duration::from_secs(3_600));
+        for record in events::sample::stand_in_attestation(&WorkerId::new(name).unwrap(), until) {
+            drop(self.publisher.publish(&record).await.unwrap());
+        }
         self.publisher.flush().await.unwrap();
     }
 
