@@ -961,6 +961,12 @@ mod tests {
     }
 
     fn worker(p: &mut Pool, w: W<'_>, when: Timestamp) {
+        let name = w.name;
+        register(p, w, when);
+        attest(p, name, when);
+    }
+
+    fn register(p: &mut Pool, w: W<'_>, when: Timestamp) {
         p.apply(&rec(
             WorkerRegistered {
                 worker_id: wid(w.name),
@@ -983,7 +989,6 @@ mod tests {
             },
             when,
         ));
-        attest(p, w.name, when);
     }
 
     fn attest(p: &mut Pool, name: &str, when: Timestamp) {
@@ -1153,26 +1158,18 @@ mod tests {
             t0,
         );
         // Registered but never attested: not a candidate under the default policy.
-        p.apply(&rec(
-            WorkerRegistered {
-                worker_id: wid("unattested"),
-                gpus: vec![GpuInfo {
-                    index: 0,
-                    uuid: "u".into(),
-                    name: "g".into(),
-                    memory_total_mib: 80_000,
-                    simulated: true,
-                }],
-                price_per_gpu_second: Nanoton(1),
-                payout_address: "UQ".into(),
-                region: "local".into(),
-                max_concurrent_tasks: 4,
-                public_key: vec![],
-                agent_version: "t".into(),
-                model_tags: vec![],
+        register(
+            &mut p,
+            W {
+                name: "unattested",
+                gpus: 1,
+                mib: 80_000,
+                price: 1,
+                max: 4,
+                tags: &[],
             },
             t0,
-        ));
+        );
         let llama = submit(&mut p, spec(2, 40_000, 10, 5, Some("llama")), t0);
         let mistral = submit(&mut p, spec(2, 40_000, 10, 5, Some("mistral")), t0);
         let small = submit(&mut p, spec(1, 20_000, 10, 5, None), t0);
@@ -1195,26 +1192,18 @@ mod tests {
             },
             ProducerId::new("a").unwrap(),
         );
-        dev.apply(&rec(
-            WorkerRegistered {
-                worker_id: wid("unattested"),
-                gpus: vec![GpuInfo {
-                    index: 0,
-                    uuid: "u".into(),
-                    name: "g".into(),
-                    memory_total_mib: 80_000,
-                    simulated: true,
-                }],
-                price_per_gpu_second: Nanoton(1),
-                payout_address: "UQ".into(),
-                region: "local".into(),
-                max_concurrent_tasks: 4,
-                public_key: vec![],
-                agent_version: "t".into(),
-                model_tags: vec![],
+        register(
+            &mut dev,
+            W {
+                name: "unattested",
+                gpus: 1,
+                mib: 80_000,
+                price: 1,
+                max: 4,
+                tags: &[],
             },
             t0,
-        ));
+        );
         let t = submit(&mut dev, spec(1, 1, 10, 5, None), t0);
         assert_eq!(
             allocated(&dev.allocate(at(1), 1)),
