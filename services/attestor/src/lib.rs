@@ -1,0 +1,1 @@
+//! `attestor`: see the crate description.
