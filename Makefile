@@ -4,19 +4,16 @@
 CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 COCOON = $(TARGET_DIR)/debug/cocoon
-PROJECTOR = $(TARGET_DIR)/debug/projector
 
 .PHONY: run test lint bench stack-up stack-down clean-stack
 
-## run: start the embedded stack, provision streams, migrate, publish a sample of the pool's life, show it
-## from the log, project it into the Postgres read models and show where the projections stand
+## run: start the embedded stack, provision the streams and migrate, then run the pool: the projector, an allocator
+## (admitting unattested workers: development only) and node agents (simulated GPUs without an NVIDIA GPU) take a
+## sample workload through allocation, execution and results, then stop
 run: stack-up
-	$(CARGO) build -p cocoon -p projector
+	$(CARGO) build -p cocoon -p projector -p allocator -p node-agent
 	$(COCOON) dev up
-	$(COCOON) dev demo --tasks 3
-	$(COCOON) events dump --limit 25
-	$(PROJECTOR) --until-idle
-	$(COCOON) projections status
+	$(COCOON) dev pool
 
 ## test: start the stack and run the whole test suite against real nats-server and Postgres
 test: stack-up

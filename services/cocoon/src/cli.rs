@@ -223,6 +223,21 @@ pub enum DevCommand {
         #[arg(long, default_value_t = 3)]
         tasks: usize,
     },
+    /// Run the pool for real: start the projector, an allocator (admitting UNATTESTED workers: development
+    /// only) and node agents (on the NVIDIA GPUs, or simulated GPUs without one), submit a sample workload,
+    /// show it allocated, executed and completed with its results, then stop the services.
+    Pool(PoolArgs),
+}
+
+/// `dev pool`: how long to wait and which GPUs to use.
+#[derive(Debug, Clone, Args)]
+pub struct PoolArgs {
+    /// Give up (and exit non-zero) when the workload is not final after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout_secs: u64,
+    /// Use simulated GPUs even when an NVIDIA GPU is present.
+    #[arg(long)]
+    pub simulate: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,7 +4,8 @@
 //!   `results watch`), and the read models (`tasks get|list|watch`, `workers list`);
 //! - produces: sample events (`dev demo`), stream definitions (`provision`), frames of an export file,
 //!   republished as they were stored (`events import`), and `TaskSubmitted` (`tasks submit`, through `client`);
-//! - owns: nothing; it drives `infra/stack.sh` for the embedded stack and the `schemas` migrator;
+//! - owns: nothing; it drives `infra/stack.sh` for the embedded stack and the `schemas` migrator, and `dev pool`
+//!   runs the projector, an allocator and node agents as child processes for one sample workload;
 //! - guarantees: reading the log never moves a durable consumer and never acks anything.
 
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod demo;
 pub mod dev;
 pub mod dump;
 pub mod export;
+pub mod pool_demo;
 pub mod projections;
 pub mod results;
 pub mod tasks;
@@ -70,6 +72,7 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
             DevCommand::Demo { tasks } => demo::run(&cli.conn, tasks)
                 .await
                 .map(|()| ExitCode::SUCCESS),
+            DevCommand::Pool(args) => pool_demo::run(&cli.conn, &args, shutdown).await,
         },
         Command::Events { command } => {
             let (filter, follow) = match command {

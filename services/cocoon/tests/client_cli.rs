@@ -387,6 +387,36 @@ async fn tasks_and_workers_views_read_the_projection() {
     assert!(row.starts_with("gpu-sim-1"), "{row}");
     assert!(row.contains("unattested"), "{row}");
     assert!(row.contains("1 x simulated 80 GiB [simulated]"), "{row}");
+
+    // Once an allocator has published a policy admitting unattested workers, the listing says so first.
+    let store = allocator::lease::bucket(&env.bus.jetstream, 1)
+        .await
+        .unwrap();
+    let policy = allocator::lease::PolicyValue {
+        holder: "allocator-x".into(),
+        epoch: 7,
+        allow_unattested: true,
+        max_attempts: 3,
+        heartbeat_timeout_ms: 10_000,
+    };
+    store
+        .put(
+            allocator::lease::POLICY_KEY,
+            serde_json::to_vec(&policy).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let (result, stdout) = cocoon(&env, &["workers", "list"]).await;
+    assert!(result.is_ok(), "{result:?}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].contains(
+            "UNATTESTED workers are admitted (development only; allocator allocator-x, epoch 7"
+        ),
+        "{stdout}"
+    );
+    assert!(lines[1].contains("ADMISSION"), "{stdout}");
 }
 
 #[tokio::test]
