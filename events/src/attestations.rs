@@ -5,6 +5,36 @@ use serde::{Deserialize, Serialize};
 use crate::ids::WorkerId;
 use crate::time::Timestamp;
 
+/// The report data a worker's quote must carry: SHA-512 of its public key followed by the nonce. This binds
+/// the quote to the key the worker registered and to one submission (the nonce starts with the time it was
+/// made, so the attestor can refuse an old quote replayed).
+pub fn binding_report_data(public_key: &[u8], nonce: &[u8]) -> [u8; 64] {
+    use sha2::{Digest, Sha512};
+    let mut hasher = Sha512::new();
+    hasher.update(public_key);
+    hasher.update(nonce);
+    hasher.finalize().into()
+}
+
+/// Length of a submission's nonce: 8 bytes of Unix milliseconds (big-endian), then 24 bytes that differ per
+/// submission.
+pub const NONCE_LEN: usize = 32;
+
+/// A nonce for a submission made at `at`, its last 24 bytes from `unique`.
+pub fn nonce_at(at: Timestamp, unique: [u8; 24]) -> Vec<u8> {
+    let mut nonce = Vec::with_capacity(NONCE_LEN);
+    nonce.extend_from_slice(&at.as_millis().to_be_bytes());
+    nonce.extend_from_slice(&unique);
+    nonce
+}
+
+/// When a nonce made by [`nonce_at`] was made; `None` when it is not one.
+pub fn nonce_time(nonce: &[u8]) -> Option<Timestamp> {
+    let millis: [u8; 8] = nonce.get(..8)?.try_into().ok()?;
+    (nonce.len() == NONCE_LEN)
+        .then(|| Timestamp::from_micros(i64::from_be_bytes(millis).saturating_mul(1_000)))
+}
+
 /// A worker presented a TDX quote that binds its public key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttestationSubmitted {
@@ -45,4 +75,30 @@ pub struct AttestationRejected {
     pub worker_id: WorkerId,
     pub quote_hash: String,
     pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_binding_depends_on_key_and_nonce() {
+        let a = binding_report_data(&[1; 32], &[2; 32]);
+        assert_eq!(a, binding_report_data(&[1; 32], &[2; 32]));
+        assert_ne!(a, binding_report_data(&[9; 32], &[2; 32]));
+        assert_ne!(a, binding_report_data(&[1; 32], &[9; 32]));
+        // SHA-512("") is the empty input's digest: a fixed vector guards the hash choice.
+        let empty = binding_report_data(&[], &[]);
+        assert_eq!(&empty[..4], &[0xcf, 0x83, 0xe1, 0x35]);
+    }
+
+    #[test]
+    fn a_nonce_carries_its_time() {
+        let at = Timestamp::from_micros(1_795_000_000_123_000);
+        let nonce = nonce_at(at, [7; 24]);
+        assert_eq!(nonce.len(), NONCE_LEN);
+        assert_eq!(nonce_time(&nonce), Some(at));
+        assert_eq!(nonce_time(&nonce[..31]), None);
+        assert_eq!(nonce_time(b""), None);
+    }
 }

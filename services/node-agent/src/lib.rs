@@ -2,7 +2,9 @@
 //!
 //! - consumes: `allocations.<worker>` on ALLOCATIONS (TaskAllocated, AllocationRevoked), through the durable
 //!   pull consumer `agent-<worker>`;
-//! - produces: WorkerRegistered, WorkerHeartbeat (every `heartbeat_interval`), WorkerDraining and
+//! - produces: AttestationSubmitted on ATTESTATIONS (on start and every `reattest_interval`, when it has a
+//!   quote source: configfs-tsm on a TDX guest, or a quote file for development; see [`attest`]);
+//!   WorkerRegistered, WorkerHeartbeat (every `heartbeat_interval`), WorkerDraining and
 //!   WorkerDeregistered on WORKERS; TaskStarted, TaskCompleted and TaskFailed on TASKS; TaskResult on
 //!   `results.<client>`; every task event is caused by its allocation (same correlation id);
 //! - owns: nothing durable; which attempts it has seen lives in memory ([`ledger`]) for one run;
@@ -16,6 +18,7 @@
 //! Many agents can run in one process (load tests): each call of [`run`] is one worker, and they can share one
 //! [`bus::Publisher`], so their heartbeats travel in shared frames.
 
+pub mod attest;
 pub mod exec;
 pub mod gpu;
 pub mod ledger;
@@ -71,6 +74,10 @@ pub struct AgentConfig {
     pub fetch_wait: Duration,
     /// How often a running attempt's GPU memory is sampled (real GPUs only).
     pub memory_sample_interval: Duration,
+    /// Where TDX quotes come from; `None`: the worker submits none and stays unattested.
+    pub attestation: Option<attest::QuoteSource>,
+    /// How often the worker attests again (before its verdict expires).
+    pub reattest_interval: Duration,
 }
 
 impl AgentConfig {
@@ -99,6 +106,8 @@ impl AgentConfig {
             fetch_batch: 64,
             fetch_wait: Duration::from_millis(500),
             memory_sample_interval: Duration::from_millis(500),
+            attestation: None,
+            reattest_interval: Duration::from_secs(20 * 60),
         }
     }
 
@@ -112,6 +121,8 @@ impl AgentConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentReport {
     pub heartbeats: u64,
+    /// Attestations submitted.
+    pub attestations: u64,
     pub tasks_started: u64,
     pub tasks_completed: u64,
     /// Failed attempts, the drained ones included.
@@ -204,9 +215,36 @@ pub async fn run(
     let drain = CancellationToken::new();
     let (queue_tx, queue_rx) = mpsc::unbounded_channel();
     let dispatcher = tokio::spawn(dispatch(agent.clone(), queue_rx, drain.clone()));
+    let attestation = match agent.config.attestation.clone() {
+        Some(source) => tokio::spawn(
+            attest::Attester {
+                source,
+                worker: worker.clone(),
+                public_key: agent.config.public_key.clone(),
+                producer: agent.producer.clone(),
+                publisher: agent.publisher.clone(),
+                interval: agent.config.reattest_interval,
+                retry: Duration::from_secs(30),
+            }
+            .run(stop_heartbeats.clone()),
+        ),
+        None => {
+            tracing::warn!(
+                worker = %worker,
+                "no TDX quote source (not a TDX guest, no --quote-file): submitting no attestation; this \
+                 worker stays unattested and gets no tasks unless the pool admits unattested workers \
+                 (development only)"
+            );
+            tokio::spawn(async { 0 })
+        }
+    };
     // If this future is dropped mid-run (its caller gone, as when the process dies), the heartbeats stop
     // and the running attempts are dropped with their processes: a dead agent must look dead.
-    let _abort_on_drop = AbortOnDrop(vec![heartbeats.abort_handle(), dispatcher.abort_handle()]);
+    let _abort_on_drop = AbortOnDrop(vec![
+        heartbeats.abort_handle(),
+        dispatcher.abort_handle(),
+        attestation.abort_handle(),
+    ]);
 
     let fatal = consume(&agent, &consumer, &queue_tx, &cancel).await;
 
@@ -232,6 +270,7 @@ pub async fn run(
     }
     stop_heartbeats.cancel();
     let heartbeat_count = heartbeats.await.unwrap_or_default();
+    let attestations = attestation.await.unwrap_or_default();
     let deregistered = agent
         .publisher
         .publish(&EventRecord::new(
@@ -250,6 +289,7 @@ pub async fn run(
     }
     let mut report = agent.lock().report.clone();
     report.heartbeats = heartbeat_count;
+    report.attestations = attestations;
     tracing::info!(worker = %worker, ?report, "deregistered");
     match fatal {
         Some(e) => Err(e.into()),

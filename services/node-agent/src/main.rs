@@ -68,6 +68,13 @@ struct Args {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465); off by default.
     #[arg(long, env = "COCOON_AGENT_METRICS")]
     metrics_addr: Option<String>,
+    /// Development: submit this TDX quote file instead of asking configfs-tsm (it does not bind this
+    /// worker's key, so a real attestor rejects it for the binding).
+    #[arg(long, value_name = "PATH")]
+    quote_file: Option<std::path::PathBuf>,
+    /// Seconds between attestations (each verdict must be renewed before it expires).
+    #[arg(long, default_value_t = 1_200)]
+    reattest_interval_s: u64,
     /// The command to run per task (same as --exec).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -164,6 +171,14 @@ async fn main() -> anyhow::Result<()> {
     if let Some(key) = &args.public_key {
         config.public_key = parse_hex_key(key)?;
     }
+    config.reattest_interval = Duration::from_secs(args.reattest_interval_s.max(1));
+    config.attestation = match &args.quote_file {
+        Some(path) => {
+            tracing::warn!(path = %path.display(), "attesting with a quote FILE (development only)");
+            Some(node_agent::attest::QuoteSource::File(path.clone()))
+        }
+        None => node_agent::attest::QuoteSource::detect(),
+    };
 
     let bus = Bus::connect(&BusConfig::new(
         &nats_url,
