@@ -1068,6 +1068,28 @@ mod tests {
         id
     }
 
+    fn completed(
+        task: TaskId,
+        worker: &str,
+        attempt: u32,
+        wall_ms: u64,
+        when: Timestamp,
+    ) -> EventRecord {
+        rec(
+            TaskCompleted {
+                task_id: task,
+                worker_id: wid(worker),
+                attempt,
+                usage: Usage {
+                    gpu_millis: GpuMillis(wall_ms),
+                    peak_gpu_memory_mib: None,
+                    wall_ms,
+                },
+            },
+            when,
+        )
+    }
+
     fn allocated(records: &[EventRecord]) -> Vec<(TaskId, String, u32)> {
         records
             .iter()
@@ -1237,33 +1259,9 @@ mod tests {
         assert!(p.is_waiting(&b));
         assert_eq!(p.stats().workers_eligible, 0);
         // a completes: its memory and slot come back, b fits.
-        p.apply(&rec(
-            TaskCompleted {
-                task_id: a,
-                worker_id: wid("w"),
-                attempt: 1,
-                usage: Usage {
-                    gpu_millis: GpuMillis(1_000),
-                    peak_gpu_memory_mib: None,
-                    wall_ms: 1_000,
-                },
-            },
-            at(2),
-        ));
+        p.apply(&completed(a, "w", 1, 1_000, at(2)));
         // A duplicate completion releases nothing more.
-        p.apply(&rec(
-            TaskCompleted {
-                task_id: a,
-                worker_id: wid("w"),
-                attempt: 1,
-                usage: Usage {
-                    gpu_millis: GpuMillis(1_000),
-                    peak_gpu_memory_mib: None,
-                    wall_ms: 1_000,
-                },
-            },
-            at(2),
-        ));
+        p.apply(&completed(a, "w", 1, 1_000, at(2)));
         let out = p.allocate(at(3), 1);
         assert_eq!(allocated(&out), vec![(b, "w".to_owned(), 1)]);
         // c fails for good: released, and the worker has room for one more again.
@@ -1358,19 +1356,7 @@ mod tests {
             vec![(task, "b".to_owned(), 2)]
         );
         // The zombie's late completion of attempt 1 does not end attempt 2.
-        p.apply(&rec(
-            TaskCompleted {
-                task_id: task,
-                worker_id: wid("a"),
-                attempt: 1,
-                usage: Usage {
-                    gpu_millis: GpuMillis(1),
-                    peak_gpu_memory_mib: None,
-                    wall_ms: 1,
-                },
-            },
-            at(13),
-        ));
+        p.apply(&completed(task, "a", 1, 1, at(13)));
         assert_eq!(p.holder(&task), Some(&wid("b")));
         // b is lost too: attempt 2 was the last one, so the task expires.
         let out = p.tick(at(30), 1);
@@ -1502,19 +1488,7 @@ mod tests {
         heartbeat(&mut p, "a", &[(0, 10)], Some(1_000), at(0));
         let t = submit(&mut p, spec(1, 1, 10, 5, Some("llama")), at(0));
         assert_eq!(allocated(&p.allocate(at(0), 1))[0].1, "b");
-        p.apply(&rec(
-            TaskCompleted {
-                task_id: t,
-                worker_id: wid("b"),
-                attempt: 1,
-                usage: Usage {
-                    gpu_millis: GpuMillis(1),
-                    peak_gpu_memory_mib: None,
-                    wall_ms: 60_000,
-                },
-            },
-            at(1),
-        ));
+        p.apply(&completed(t, "b", 1, 60_000, at(1)));
         // ...and now a "llama" task still goes to b (affinity), while an untagged one goes to a, since b's
         // history (60 s per task) costs it more than a's utilization.
         let llama = submit(&mut p, spec(1, 1, 10, 5, Some("llama")), at(2));
@@ -1583,19 +1557,7 @@ mod tests {
         assert_eq!(p.epoch_seen(), 3);
         assert_eq!(p.holder(&task), Some(&wid("w")));
         assert_eq!(p.stats().workers_eligible, 0, "one slot, held once");
-        p.apply(&rec(
-            TaskCompleted {
-                task_id: task,
-                worker_id: wid("w"),
-                attempt: 1,
-                usage: Usage {
-                    gpu_millis: GpuMillis(1),
-                    peak_gpu_memory_mib: None,
-                    wall_ms: 1,
-                },
-            },
-            at(3),
-        ));
+        p.apply(&completed(task, "w", 1, 1, at(3)));
         assert_eq!(p.stats().workers_eligible, 1);
         // A late allocation of a finished task is ignored.
         p.apply(&allocation);

@@ -9,13 +9,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use allocator::{AllocatorConfig, PoolConfig};
-use bus::{Bus, Publisher, PublisherConfig, RangeReader, provision_streams};
+use bus::{Bus, Publisher, PublisherConfig, provision_streams};
 use events::payload::{Blob, Priority, Requirements, TaskSpec};
 use events::tasks::TaskSubmitted;
 use events::workers::{GpuInfo, GpuTelemetry, WorkerHeartbeat, WorkerRegistered};
 use events::{
-    ClientId, CodecConfig, Event, EventRecord, Nanoton, ProducerId, Stream, TaskId, Timestamp,
-    WorkerId,
+    ClientId, Event, EventRecord, Nanoton, ProducerId, Stream, TaskId, Timestamp, WorkerId,
 };
 use tests::NatsServer;
 use tokio_util::sync::CancellationToken;
@@ -130,25 +129,17 @@ fn config(instance: &str) -> AllocatorConfig {
     }
 }
 
-/// Every TaskAllocated in the log, with where it is.
+/// Every TaskAllocated in the log, with its time.
 async fn allocations(bus: &Bus) -> Vec<(Timestamp, events::allocations::TaskAllocated)> {
-    let mut reader = RangeReader::open(&bus.jetstream, Stream::Allocations, vec![], 1, None)
+    bus::read_events(&bus.jetstream, Stream::Allocations, vec![])
         .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let frames = reader.next_batch(256).await.unwrap();
-        if frames.is_empty() {
-            return out;
-        }
-        for frame in frames {
-            for r in frame.decode(&CodecConfig::default()).unwrap() {
-                if let Event::TaskAllocated(a) = r.event {
-                    out.push((r.envelope.occurred_at, a));
-                }
-            }
-        }
-    }
+        .unwrap()
+        .into_iter()
+        .filter_map(|(_, r)| match r.event {
+            Event::TaskAllocated(a) => Some((r.envelope.occurred_at, a)),
+            _ => None,
+        })
+        .collect()
 }
 
 async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, within: Duration, mut done: F) {

@@ -10,12 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use allocator::{AllocatorConfig, PoolConfig};
-use bus::{Bus, Publisher, PublisherConfig, RangeReader, provision_streams};
+use bus::{Bus, Publisher, PublisherConfig, provision_streams};
 use client::{Producer, ProducerConfig, ReadModel, ResultStream, StartAt, TaskRequest, TaskStatus};
 use events::tasks::RequeueReason;
-use events::{
-    ClientId, CodecConfig, Event, EventRecord, Nanoton, Stream, TaskId, Timestamp, WorkerId,
-};
+use events::{ClientId, Event, EventRecord, Nanoton, Stream, TaskId, Timestamp, WorkerId};
 use node_agent::{AgentConfig, ExecConfig, ExecExecutor, GpuSource};
 use tests::{NatsServer, TestDb};
 use tokio::task::JoinHandle;
@@ -164,19 +162,12 @@ async fn wait_for_status(rm: &ReadModel, id: TaskId, want: TaskStatus) -> client
 
 /// Every event of `stream` in log order.
 async fn log(bus: &Bus, stream: Stream) -> Vec<EventRecord> {
-    let mut reader = RangeReader::open(&bus.jetstream, stream, vec![], 1, None)
+    bus::read_events(&bus.jetstream, stream, vec![])
         .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let frames = reader.next_batch(256).await.unwrap();
-        if frames.is_empty() {
-            return out;
-        }
-        for frame in frames {
-            out.extend(frame.decode(&CodecConfig::default()).unwrap());
-        }
-    }
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
 }
 
 async fn allocations_of(bus: &Bus, task: TaskId) -> Vec<(u32, String)> {

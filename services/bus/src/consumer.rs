@@ -450,3 +450,41 @@ pub async fn last_sequence(js: &jetstream::Context, stream: Stream) -> Result<u6
     })?;
     Ok(info.state.last_sequence)
 }
+
+/// Why [`read_events`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Consume(#[from] ConsumeError),
+    #[error("frame {sequence} does not decode: {source}")]
+    Decode {
+        sequence: u64,
+        #[source]
+        source: DecodeError,
+    },
+}
+
+/// Every event of `stream` (on `subjects`; all when empty) up to its head when called, in log order, each
+/// with the stream sequence of its frame. For tests and small operator reads: it holds them all in memory.
+pub async fn read_events(
+    js: &jetstream::Context,
+    stream: Stream,
+    subjects: Vec<String>,
+) -> Result<Vec<(u64, EventRecord)>, ReadError> {
+    let codec = CodecConfig::default();
+    let mut reader = RangeReader::open(js, stream, subjects, 1, None).await?;
+    let mut out = Vec::new();
+    loop {
+        let frames = reader.next_batch(256).await?;
+        if frames.is_empty() {
+            return Ok(out);
+        }
+        for frame in frames {
+            let sequence = frame.stream_sequence;
+            let records = frame
+                .decode(&codec)
+                .map_err(|source| ReadError::Decode { sequence, source })?;
+            out.extend(records.into_iter().map(|r| (sequence, r)));
+        }
+    }
+}

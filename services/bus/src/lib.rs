@@ -17,8 +17,8 @@ pub mod publisher;
 use std::time::Duration;
 
 pub use consumer::{
-    ConsumeError, ConsumerSpec, FetchedBatch, Follower, FrameConsumer, RangeReader, ReceivedFrame,
-    last_sequence,
+    ConsumeError, ConsumerSpec, FetchedBatch, Follower, FrameConsumer, RangeReader, ReadError,
+    ReceivedFrame, last_sequence, read_events,
 };
 pub use provision::{ProvisionError, ProvisionOutcome, ProvisionReport, provision_streams};
 pub use publisher::{Position, PublishError, Publisher, PublisherConfig, Receipt};

@@ -57,21 +57,9 @@ async fn publish_each(bus: &Bus, records: &[EventRecord]) -> Vec<u64> {
 
 /// Every event stored in `stream`, with its frame's sequence.
 async fn read_all(bus: &Bus, stream: Stream) -> Vec<(u64, EventRecord)> {
-    let mut reader = RangeReader::open(&bus.jetstream, stream, Vec::new(), 1, None)
+    bus::read_events(&bus.jetstream, stream, Vec::new())
         .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let frames = reader.next_batch(100).await.unwrap();
-        if frames.is_empty() {
-            return out;
-        }
-        for f in frames {
-            for r in f.decode(&events::CodecConfig::default()).unwrap() {
-                out.push((f.stream_sequence, r));
-            }
-        }
-    }
+        .unwrap()
 }
 
 fn request(client_id: &str) -> TaskRequest {

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bus::{Bus, Publisher, PublisherConfig, RangeReader, provision_streams};
+use bus::{Bus, Publisher, PublisherConfig, provision_streams};
 use clap::Parser;
 use cocoon::Shutdown;
 use cocoon::cli::{Cli, Command};
@@ -63,23 +63,15 @@ async fn cocoon(env: &Env, args: &[&str]) -> (anyhow::Result<ExitCode>, String) 
 }
 
 async fn submitted_events(bus: &Bus) -> Vec<events::tasks::TaskSubmitted> {
-    let mut reader = RangeReader::open(&bus.jetstream, Stream::Tasks, Vec::new(), 1, None)
+    bus::read_events(&bus.jetstream, Stream::Tasks, Vec::new())
         .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let frames = reader.next_batch(100).await.unwrap();
-        if frames.is_empty() {
-            return out;
-        }
-        for f in frames {
-            for r in f.decode(&events::CodecConfig::default()).unwrap() {
-                if let Event::TaskSubmitted(e) = r.event {
-                    out.push(e);
-                }
-            }
-        }
-    }
+        .unwrap()
+        .into_iter()
+        .filter_map(|(_, r)| match r.event {
+            Event::TaskSubmitted(e) => Some(e),
+            _ => None,
+        })
+        .collect()
 }
 
 async fn publish_each(bus: &Bus, records: &[EventRecord]) -> Vec<u64> {

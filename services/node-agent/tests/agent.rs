@@ -137,19 +137,12 @@ async fn send(pool: &Pool, event: impl Into<Event>) -> EventRecord {
 
 /// Every event of `stream`, in log order.
 async fn read(bus: &Bus, stream: Stream) -> Vec<EventRecord> {
-    let mut reader = RangeReader::open(&bus.jetstream, stream, Vec::new(), 1, None)
+    bus::read_events(&bus.jetstream, stream, Vec::new())
         .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let frames = reader.next_batch(256).await.unwrap();
-        if frames.is_empty() {
-            return out;
-        }
-        for f in frames {
-            out.extend(f.decode(&CodecConfig::default()).unwrap());
-        }
-    }
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// Polls `stream` until `done` holds, or fails at the deadline.
