@@ -2,8 +2,8 @@
 //! genuine, patched Intel platform, and holds the key it claims.
 //!
 //! Consumes `AttestationSubmitted` (ATTESTATIONS); produces `AttestationVerified` or `AttestationRejected`
-//! (ATTESTATIONS). It owns no state other than a verdict cache; the NATS loop that connects the two is
-//! added on top of the verification core in this crate.
+//! (ATTESTATIONS), each caused by its submission, through the durable consumer `attestor` ([`service`]). It
+//! owns no state other than a verdict cache and the registered keys it reads from WORKERS.
 //!
 //! The core, in the order a quote meets it:
 //! - [`verify::Verifier`] parses the quote, finds its collateral ([`collateral`]), has `dcap-qvl` check
@@ -23,6 +23,7 @@ pub mod cache;
 pub mod collateral;
 pub mod policy;
 pub mod pool;
+pub mod service;
 pub mod verify;
 
 mod hex;
@@ -32,4 +33,5 @@ pub use cache::{CacheKey, VerdictCache};
 pub use collateral::{Collateral, CollateralError, CollateralSource, CollateralStore};
 pub use policy::{Policy, PolicyError, Register};
 pub use pool::{PoolError, verify_blocking};
+pub use service::{AttestorConfig, AttestorError, AttestorReport, run};
 pub use verify::{RejectReason, Verdict, Verifier};

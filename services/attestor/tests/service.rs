@@ -1,0 +1,336 @@
+//! The attestor on a real nats-server with Intel's sample quotes: its checks of the submission, its cache,
+//! and end to end with the allocator and node agents: only the attested worker gets tasks.
+//!
+//! The sample quote's collateral expired in 2025, so the attestor verifies at an injected time inside its
+//! window; and the sample binds no key of ours, so its report data is accepted as the named development
+//! exception (`dev_accept_report_data`). Everything else is production behaviour.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use allocator::{AllocatorConfig, PoolConfig};
+use attestor::{AttestorConfig, CollateralSource, Policy, Verifier};
+use bus::{Bus, Publisher, PublisherConfig, provision_streams};
+use client::{Producer, ProducerConfig, TaskRequest};
+use events::attestations::{AttestationSubmitted, nonce_at};
+use events::workers::{GpuInfo, WorkerRegistered};
+use events::{Event, EventRecord, Nanoton, ProducerId, Stream, Timestamp, WorkerId};
+use node_agent::attest::QuoteSource;
+use node_agent::{AgentConfig, GpuSource, SimulatedExecutor};
+use tests::{NatsServer, TempDir};
+use tokio_util::sync::CancellationToken;
+
+/// 2025-07-01T00:00:00Z: inside the sample quote's collateral window.
+const GOOD_TIME: u64 = 1_751_328_000;
+/// Offset of REPORTDATA in a v4 TDX quote: the 48-byte header, then the last 64 bytes of the 584-byte report.
+const REPORT_DATA_OFFSET: usize = 48 + 584 - 64;
+/// Offset of MRTD in a v4 TDX quote.
+const MRTD_OFFSET: usize = 48 + 16 + 48 + 48 + 8 + 16;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn good_quote() -> Vec<u8> {
+    std::fs::read(fixtures().join("tdx_quote")).unwrap()
+}
+
+fn good_report_data() -> [u8; 64] {
+    good_quote()[REPORT_DATA_OFFSET..REPORT_DATA_OFFSET + 64]
+        .try_into()
+        .unwrap()
+}
+
+fn verifier() -> Arc<Verifier> {
+    let policy = Policy::load(&fixtures().join("policy.json")).unwrap();
+    Arc::new(
+        Verifier::from_source(
+            policy,
+            &CollateralSource::Files(fixtures().join("collateral")),
+        )
+        .unwrap(),
+    )
+}
+
+fn config() -> AttestorConfig {
+    AttestorConfig {
+        verify_at: Some(UNIX_EPOCH + Duration::from_secs(GOOD_TIME)),
+        dev_accept_report_data: vec![good_report_data()],
+        registration_wait: Duration::from_millis(500),
+        fetch_wait: Duration::from_millis(100),
+        ..AttestorConfig::default()
+    }
+}
+
+async fn start() -> (NatsServer, Bus, Publisher) {
+    let server = NatsServer::start().await;
+    let bus = Bus::from_client(server.client().await, Duration::from_secs(5));
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default()).unwrap();
+    (server, bus, publisher)
+}
+
+async fn publish(publisher: &Publisher, event: impl Into<Event>) {
+    let record = EventRecord::new(ProducerId::new("test").unwrap(), event);
+    publisher.publish(&record).await.unwrap().await.unwrap();
+}
+
+async fn register(publisher: &Publisher, worker: &str, key: Vec<u8>) {
+    publish(
+        publisher,
+        WorkerRegistered {
+            worker_id: WorkerId::new(worker).unwrap(),
+            gpus: vec![GpuInfo {
+                index: 0,
+                uuid: format!("SIM-{worker}"),
+                name: "simulated GPU".into(),
+                memory_total_mib: 81_920,
+                simulated: true,
+            }],
+            price_per_gpu_second: Nanoton(1),
+            payout_address: "UQ".into(),
+            region: "local".into(),
+            max_concurrent_tasks: 4,
+            public_key: key,
+            agent_version: "test".into(),
+            model_tags: vec![],
+        },
+    )
+    .await;
+}
+
+fn submission(worker: &str, quote: Vec<u8>, key: Vec<u8>, made: Timestamp) -> AttestationSubmitted {
+    AttestationSubmitted {
+        worker_id: WorkerId::new(worker).unwrap(),
+        quote,
+        public_key: key,
+        nonce: nonce_at(made, [5; 24]),
+    }
+}
+
+/// The verdicts in the log: (worker, verified, reason).
+async fn verdicts(bus: &Bus) -> Vec<(String, bool, String)> {
+    bus::read_events(&bus.jetstream, Stream::Attestations, vec![])
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|(_, r)| match r.event {
+            Event::AttestationVerified(v) => Some((v.worker_id.to_string(), true, String::new())),
+            Event::AttestationRejected(v) => Some((v.worker_id.to_string(), false, v.reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn wait_for_verdicts(bus: &Bus, n: usize) -> Vec<(String, bool, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = verdicts(bus).await;
+        if v.len() >= n {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} verdicts: {v:?}",
+            v.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_are_checked_verified_cached_and_answered_in_order() {
+    let (_server, bus, publisher) = start().await;
+    let cancel = CancellationToken::new();
+    let service = tokio::spawn(attestor::run(
+        bus.clone(),
+        verifier(),
+        config(),
+        cancel.clone(),
+    ));
+    let key = vec![1u8; 32];
+    register(&publisher, "w-good", key.clone()).await;
+    let now = Timestamp::now();
+    // 1. The genuine sample: verified (by the development exception for its report data).
+    publish(
+        &publisher,
+        submission("w-good", good_quote(), key.clone(), now),
+    )
+    .await;
+    // 2. The same quote again, a fresh nonce: verified from the cache.
+    publish(
+        &publisher,
+        submission("w-good", good_quote(), key.clone(), Timestamp::now()),
+    )
+    .await;
+    // 3. A stale nonce: refused before any verification.
+    let old = Timestamp::from_micros(now.as_micros() - 3_600 * 1_000_000);
+    publish(
+        &publisher,
+        submission("w-good", good_quote(), key.clone(), old),
+    )
+    .await;
+    // 4. Another key than the registered one.
+    publish(
+        &publisher,
+        submission("w-good", good_quote(), vec![2; 32], now),
+    )
+    .await;
+    // 5. A worker that never registered.
+    publish(
+        &publisher,
+        submission("w-ghost", good_quote(), key.clone(), now),
+    )
+    .await;
+    // 6. A tampered quote (one MRTD byte flipped): its signature fails.
+    let mut tampered = good_quote();
+    tampered[MRTD_OFFSET] ^= 1;
+    publish(&publisher, submission("w-good", tampered, key.clone(), now)).await;
+
+    let got = wait_for_verdicts(&bus, 6).await;
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert!(got[0].1 && got[1].1, "{got:?}");
+    assert!(got[2].2.contains("stale submission"), "{}", got[2].2);
+    assert!(
+        got[3].2.contains("not the key the worker registered"),
+        "{}",
+        got[3].2
+    );
+    assert_eq!(got[4].0, "w-ghost");
+    assert!(got[4].2.contains("has not registered"), "{}", got[4].2);
+    assert!(
+        got[5].2.to_lowercase().contains("signature"),
+        "{}",
+        got[5].2
+    );
+
+    // The verdict's validity is what the collateral had left at the injected time, capped by the policy's
+    // day, counted from now.
+    let verified = bus::read_events(&bus.jetstream, Stream::Attestations, vec![])
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|(_, r)| match r.event {
+            Event::AttestationVerified(v) => Some(v),
+            _ => None,
+        })
+        .unwrap();
+    let left_s = (verified.valid_until.as_micros() - Timestamp::now().as_micros()) / 1_000_000;
+    assert!(
+        (86_000..=86_400).contains(&left_s),
+        "valid for {left_s} s more"
+    );
+
+    cancel.cancel();
+    let report = service.await.unwrap().unwrap();
+    assert_eq!(
+        (report.verified, report.rejected, report.cache_hits),
+        (2, 4, 1),
+        "{report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_attested_worker_gets_tasks() {
+    let (_server, bus, publisher) = start().await;
+    let stop = CancellationToken::new();
+    let attestor_task = tokio::spawn(attestor::run(
+        bus.clone(),
+        verifier(),
+        config(),
+        stop.clone(),
+    ));
+    let allocator_task = tokio::spawn(allocator::run(
+        bus.clone(),
+        AllocatorConfig {
+            pool: PoolConfig::default(),
+            instance: "allocator-attest".into(),
+            lease_ttl: Duration::from_millis(1_500),
+            tick: Duration::from_millis(50),
+            replicas: 1,
+        },
+        stop.clone(),
+    ));
+    let dir = TempDir::new("attest-e2e");
+    let genuine = dir.path().join("genuine.quote");
+    std::fs::write(&genuine, good_quote()).unwrap();
+    let tampered = dir.path().join("tampered.quote");
+    let mut bytes = good_quote();
+    bytes[MRTD_OFFSET] ^= 1;
+    std::fs::write(&tampered, bytes).unwrap();
+
+    // Three workers alike but for their attestation: a genuine quote, a tampered one, none at all.
+    let mut agents = Vec::new();
+    for (name, quote) in [
+        ("genuine", Some(genuine)),
+        ("tampered", Some(tampered)),
+        ("silent", None),
+    ] {
+        let mut config = AgentConfig::new(WorkerId::new(name).unwrap());
+        config.price_per_gpu_second = Nanoton(1);
+        config.max_concurrent_tasks = 4;
+        config.heartbeat_interval = Duration::from_millis(250);
+        config.fetch_wait = Duration::from_millis(100);
+        config.attestation = quote.map(QuoteSource::File);
+        let gpus = GpuSource::simulated(&config.worker_id, 1);
+        let executor = Arc::new(SimulatedExecutor::new(Duration::from_millis(5)));
+        let (b, p, s) = (bus.clone(), publisher.clone(), stop.child_token());
+        agents.push(tokio::spawn(async move {
+            node_agent::run(config, b, p, gpus, executor, s).await
+        }));
+    }
+    let got = wait_for_verdicts(&bus, 2).await;
+    assert!(
+        got.contains(&("genuine".into(), true, String::new())),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().any(|(w, ok, _)| w == "tampered" && !ok),
+        "{got:?}"
+    );
+
+    let producer = Producer::from_bus(&bus, ProducerConfig::default()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let mut r = TaskRequest::new("client-attest", Nanoton(10));
+        r.input = format!("task {i}").into_bytes();
+        ids.push(producer.submit(&r).await.unwrap().task_id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let completed = bus::read_events(&bus.jetstream, Stream::Tasks, vec![])
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(_, r)| matches!(r.event, Event::TaskCompleted(_)))
+            .count();
+        if completed == ids.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{completed} of {} completed",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let placed: Vec<String> = bus::read_events(&bus.jetstream, Stream::Allocations, vec![])
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|(_, r)| match r.event {
+            Event::TaskAllocated(a) => Some(a.worker_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(placed.len(), ids.len());
+    assert!(placed.iter().all(|w| w == "genuine"), "{placed:?}");
+
+    stop.cancel();
+    for agent in agents {
+        agent.await.unwrap().unwrap();
+    }
+    allocator_task.await.unwrap().unwrap();
+    attestor_task.await.unwrap().unwrap();
+}
