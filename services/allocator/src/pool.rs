@@ -922,7 +922,7 @@ fn emit(
 mod tests {
     use super::*;
     use events::GpuMillis;
-    use events::attestations::{AttestationVerified, Measurements};
+    use events::attestations::AttestationRejected;
     use events::payload::{Blob, Priority, Requirements};
     use events::tasks::{TaskCompleted, TaskFailed, TaskStarted, TaskSubmitted, Usage};
     use events::workers::{GpuInfo, GpuTelemetry, WorkerHeartbeat, WorkerRegistered};
@@ -992,22 +992,13 @@ mod tests {
     }
 
     fn attest(p: &mut Pool, name: &str, when: Timestamp) {
-        p.apply(&rec(
-            AttestationVerified {
-                worker_id: wid(name),
-                quote_hash: "h".into(),
-                tcb_status: "UpToDate".into(),
-                measurements: Measurements {
-                    mrtd: String::new(),
-                    rtmr0: String::new(),
-                    rtmr1: String::new(),
-                    rtmr2: String::new(),
-                    rtmr3: String::new(),
-                },
-                valid_until: at(1_000_000),
-            },
-            when,
-        ));
+        attest_until(p, name, at(1_000_000), when);
+    }
+
+    fn attest_until(p: &mut Pool, name: &str, until: Timestamp, when: Timestamp) {
+        let [_, mut verdict] = events::sample::stand_in_attestation(&wid(name), until);
+        verdict.envelope.occurred_at = when;
+        p.apply(&verdict);
     }
 
     fn heartbeat(
@@ -1614,6 +1605,50 @@ mod tests {
         served.push(serve(&mut p, now));
         served.push(serve(&mut p, now));
         assert_eq!(served, vec![high, medium, low, newer_high]);
+    }
+
+    #[test]
+    fn verdicts_decide_eligibility_missing_expired_rejected_and_renewed() {
+        let mut p = pool();
+        register(
+            &mut p,
+            W {
+                name: "w",
+                gpus: 1,
+                mib: 80_000,
+                price: 1,
+                max: 8,
+                tags: &[],
+            },
+            at(0),
+        );
+        let place = |p: &mut Pool, now: i64| {
+            heartbeat(p, "w", &[(0, 0)], None, at(now));
+            let task = submit(p, spec(1, 1, 10, 5, None), at(now));
+            let placed = !allocated(&p.allocate(at(now), 1)).is_empty();
+            p.queue.remove(&task);
+            placed
+        };
+        assert!(!place(&mut p, 1), "no verdict yet");
+        attest_until(&mut p, "w", at(100), at(2));
+        assert!(place(&mut p, 3), "verified, valid until 100 s");
+        // Attested again before expiry: still eligible after the first verdict's end.
+        attest_until(&mut p, "w", at(200), at(90));
+        assert!(place(&mut p, 150));
+        // Expired at 200 s: not a candidate, though it heartbeats.
+        assert!(!place(&mut p, 201));
+        // A rejection ends eligibility at once, whatever the earlier verdict said.
+        attest_until(&mut p, "w", at(1_000), at(202));
+        assert!(place(&mut p, 203));
+        p.apply(&rec(
+            AttestationRejected {
+                worker_id: wid("w"),
+                quote_hash: "h".into(),
+                reason: "signature".into(),
+            },
+            at(204),
+        ));
+        assert!(!place(&mut p, 205));
     }
 
     proptest! {
