@@ -653,7 +653,7 @@ async fn start(
         GpuChoice::Simulated => println!("no NVIDIA GPU found: running SIMULATED GPUs"),
     }
     println!(
-        "!! pool policy: the allocator admits UNATTESTED workers (--allow-unattested): DEVELOPMENT ONLY, no attestor exists yet"
+        "!! pool policy: the allocator admits UNATTESTED workers (--allow-unattested): DEVELOPMENT ONLY: these workers are not TDX guests"
     );
     println!(
         "starting the services from {} (NATS {}, Postgres {}):",
