@@ -138,7 +138,7 @@ impl Lease {
     }
 
     pub fn renew_interval(&self) -> Duration {
-        self.ttl / 3
+        (self.ttl / 3).max(Duration::from_millis(10))
     }
 
     fn value(&self, epoch: u64) -> bytes::Bytes {
@@ -156,6 +156,16 @@ impl Lease {
     /// found in the log, so a wiped bucket cannot hand out an old epoch again.
     pub async fn step(&mut self, min_epoch: u64) -> Result<Standing, LeaseError> {
         let sent = Instant::now();
+        if self.revision.is_some() && min_epoch > self.epoch {
+            // The log holds an epoch above ours (the bucket was wiped, or it was read late): move
+            // above it, under the same compare-and-set, so this holder's decisions are fenced correctly.
+            tracing::warn!(
+                epoch = self.epoch,
+                seen = min_epoch,
+                "raising the lease epoch above the log's"
+            );
+            self.epoch = min_epoch + 1;
+        }
         if let Some(revision) = self.revision {
             match self
                 .store

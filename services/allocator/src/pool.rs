@@ -92,6 +92,8 @@ struct Worker {
     mean_task_ms: Option<f64>,
     recent_tags: VecDeque<String>,
     key: Option<Key>,
+    /// The tags `key` is filed under in `by_tag` (what `recent_tags` was when it was filed).
+    indexed_tags: Vec<String>,
 }
 
 impl Worker {
@@ -113,6 +115,7 @@ impl Worker {
             mean_task_ms: None,
             recent_tags: VecDeque::new(),
             key: None,
+            indexed_tags: Vec::new(),
         }
     }
 
@@ -139,7 +142,13 @@ impl Worker {
     }
 
     fn present(&self) -> bool {
-        self.registered && !self.deregistered && self.lost_at_heartbeat.is_none()
+        self.registered && !self.gone()
+    }
+
+    /// Lost or deregistered: what it holds must be taken back. (A worker whose registration is not in the
+    /// log, e.g. older than the WORKERS retention, is not gone while it heartbeats; it gets no new work.)
+    fn gone(&self) -> bool {
+        self.deregistered || self.lost_at_heartbeat.is_some()
     }
 
     fn attested(&self, now: Timestamp) -> bool {
@@ -348,6 +357,7 @@ impl Pool {
             Event::TaskExpired(e) => self.finish(e.task_id),
             Event::TaskRejected(e) => self.finish(e.task_id),
             Event::AllocationRevoked(e) => {
+                self.epoch_seen = self.epoch_seen.max(e.allocator_epoch);
                 // The attempt is over for the worker; the requeue (or expiry) that goes with it follows on
                 // TASKS. Release now so the capacity is not held until then.
                 if let Some(t) = self.tasks.get(&e.task_id)
@@ -462,6 +472,14 @@ impl Pool {
             let Some(spec) = self.tasks.get(&task_id).map(|t| &t.spec) else {
                 continue;
             };
+            if spec.requirements.gpu_count == 0 {
+                let record = self.reject(task_id, "invalid task: it asks for 0 GPUs".into(), now);
+                if let Some(record) = record {
+                    self.apply(&record);
+                    out.push(record);
+                }
+                continue;
+            }
             let hopeless = failed.iter().zip(&failed_price).any(|(f, price)| {
                 let r = &spec.requirements;
                 f.gpu_count <= r.gpu_count
@@ -503,7 +521,10 @@ impl Pool {
         let timeout = self.config.heartbeat_timeout;
         for slot in 0..self.workers.len() {
             let w = &self.workers[slot];
-            if w.present() && w.last_seen.saturating_add(timeout) < now {
+            if !w.gone()
+                && (w.registered || !w.tasks.is_empty())
+                && w.last_seen.saturating_add(timeout) < now
+            {
                 let mut lost = EventRecord::new(
                     self.producer.clone(),
                     WorkerLost {
@@ -519,14 +540,14 @@ impl Pool {
         let mut take_back = Vec::new();
         for (id, t) in &self.tasks {
             match t.phase {
-                Phase::Allocated | Phase::Started => {
-                    let holder = t
-                        .reservation
-                        .as_ref()
-                        .map(|r| &self.workers[r.slot as usize]);
-                    if holder.is_some_and(|w| !w.present()) {
+                Phase::Allocated | Phase::Started => match &t.reservation {
+                    // Revoked (its requeue was not stored, e.g. the holder died in between): now.
+                    None => take_back.push((*id, RequeueReason::Revoked)),
+                    Some(r) if self.workers[r.slot as usize].gone() => {
                         take_back.push((*id, RequeueReason::WorkerLost));
-                    } else {
+                    }
+                    // A timeout of 0 means none (as the agent reads it).
+                    Some(_) if t.spec.timeout_ms > 0 => {
                         let deadline = t
                             .since
                             .saturating_add(Duration::from_millis(t.spec.timeout_ms))
@@ -535,7 +556,8 @@ impl Pool {
                             take_back.push((*id, RequeueReason::TimedOut));
                         }
                     }
-                }
+                    Some(_) => {}
+                },
                 Phase::Ended => {
                     if let Some(reason) = t.retry.clone() {
                         take_back.push((*id, reason));
@@ -746,15 +768,18 @@ impl Pool {
     fn reindex(&mut self, slot: Slot, now: Timestamp) {
         let allow_unattested = self.config.allow_unattested;
         let w = &mut self.workers[slot as usize];
-        let tags: Vec<String> = w.recent_tags.iter().cloned().collect();
         if let Some(old) = w.key.take() {
             self.index.remove(&old);
-            for tag in &tags {
-                if let Some(set) = self.by_tag.get_mut(tag) {
+            for tag in w.indexed_tags.drain(..) {
+                if let Some(set) = self.by_tag.get_mut(&tag) {
                     set.remove(&old);
+                    if set.is_empty() {
+                        self.by_tag.remove(&tag);
+                    }
                 }
             }
         }
+        let tags: Vec<String> = w.recent_tags.iter().cloned().collect();
         let eligible = w.present()
             && !w.draining
             && !w.gpus.is_empty()
@@ -766,15 +791,17 @@ impl Pool {
         let key = (Reverse(scoring::base(&w.load()).total.to_bits()), slot);
         w.key = Some(key);
         self.index.insert(key);
-        for tag in tags {
-            self.by_tag.entry(tag).or_default().insert(key);
+        for tag in &tags {
+            self.by_tag.entry(tag.clone()).or_default().insert(key);
         }
+        w.indexed_tags = tags;
     }
 
     /// The GPUs `slot` would give the task now, if it can take it.
     fn try_place(&self, slot: Slot, spec: &TaskSpec, now: Timestamp) -> Option<Vec<u32>> {
         let w = &self.workers[slot as usize];
-        if w.last_seen.saturating_add(self.config.heartbeat_timeout) < now
+        if w.key.is_none()
+            || w.last_seen.saturating_add(self.config.heartbeat_timeout) < now
             || !(self.config.allow_unattested || w.attested(now))
         {
             return None;
@@ -866,6 +893,19 @@ impl Pool {
             now,
             TaskRejected {
                 task_id: *id,
+                reason,
+            },
+        ))
+    }
+
+    fn reject(&self, id: TaskId, reason: String, now: Timestamp) -> Option<EventRecord> {
+        let t = self.tasks.get(&id)?;
+        Some(emit(
+            &self.producer,
+            &t.cause,
+            now,
+            TaskRejected {
+                task_id: id,
                 reason,
             },
         ))
@@ -1649,6 +1689,125 @@ mod tests {
             at(204),
         ));
         assert!(!place(&mut p, 205));
+    }
+
+    #[test]
+    fn a_tag_forgotten_by_affinity_leaves_no_way_onto_a_full_worker() {
+        let mut p = Pool::new(
+            PoolConfig {
+                affinity_memory: 2,
+                ..PoolConfig::default()
+            },
+            ProducerId::new("a").unwrap(),
+        );
+        worker(
+            &mut p,
+            W {
+                name: "w",
+                gpus: 1,
+                mib: 80_000,
+                price: 1,
+                max: 1,
+                tags: &[],
+            },
+            at(0),
+        );
+        // Three tags through a memory of two: "t0" is forgotten.
+        for (i, tag) in ["t0", "t1", "t2"].into_iter().enumerate() {
+            let t = submit(&mut p, spec(1, 1, 10, 5, Some(tag)), at(i as i64));
+            assert_eq!(allocated(&p.allocate(at(i as i64), 1)).len(), 1);
+            p.apply(&completed(t, "w", 1, 1, at(i as i64)));
+        }
+        // The worker is full now.
+        let busy = submit(&mut p, spec(1, 1, 10, 5, None), at(5));
+        assert_eq!(allocated(&p.allocate(at(5), 1))[0].0, busy);
+        let t0 = submit(&mut p, spec(1, 1, 10, 5, Some("t0")), at(6));
+        assert!(p.allocate(at(6), 1).is_empty(), "placed on a full worker");
+        assert!(p.is_waiting(&t0));
+        assert!(!p.by_tag.contains_key("t0"), "no stale entry left behind");
+    }
+
+    #[test]
+    fn invalid_and_revoked_tasks_do_not_wait_for_timeouts() {
+        let mut p = pool();
+        worker(
+            &mut p,
+            W {
+                name: "w",
+                gpus: 1,
+                mib: 80_000,
+                price: 1,
+                max: 4,
+                tags: &[],
+            },
+            at(0),
+        );
+        let zero = submit(&mut p, spec(0, 1, 10, 5, None), at(0));
+        let out = p.allocate(at(0), 1);
+        assert_eq!(kinds(&out), ["TaskRejected"]);
+        let Event::TaskRejected(r) = &out[0].event else {
+            unreachable!()
+        };
+        assert_eq!(r.task_id, zero);
+        // A revocation whose requeue never made it to the log (its allocator died in between): the next
+        // holder requeues at its first tick, not after the task's timeout.
+        let task = submit(&mut p, spec(1, 1, 10, 5, None), at(1));
+        p.allocate(at(1), 1);
+        p.apply(&rec(
+            AllocationRevoked {
+                task_id: task,
+                worker_id: wid("w"),
+                attempt: 1,
+                allocator_epoch: 1,
+                reason: "worker lost".into(),
+            },
+            at(2),
+        ));
+        heartbeat(&mut p, "w", &[(0, 0)], None, at(3));
+        let out = p.tick(at(3), 2);
+        assert_eq!(kinds(&out), ["AllocationRevoked", "TaskRequeued"]);
+        assert!(p.is_waiting(&task));
+        assert_eq!(p.epoch_seen(), 2, "revocations count for the epoch too");
+    }
+
+    #[test]
+    fn a_heartbeating_worker_without_a_registration_keeps_what_it_runs() {
+        // After a cold start whose log no longer holds the registration (WORKERS retention), the worker's
+        // running attempts are not taken back while it heartbeats; it just gets no new work.
+        let mut p = pool();
+        let task = submit(&mut p, spec(1, 1, 10, 5, None), at(0));
+        let mut active = pool();
+        worker(
+            &mut active,
+            W {
+                name: "old",
+                gpus: 1,
+                mib: 80_000,
+                price: 1,
+                max: 4,
+                tags: &[],
+            },
+            at(0),
+        );
+        active.apply(&rec(
+            TaskSubmitted {
+                task_id: task,
+                client_id: ClientId::new("client").unwrap(),
+                spec: spec(1, 1, 10, 5, None),
+            },
+            at(0),
+        ));
+        let allocation = active.allocate(at(0), 1).remove(0);
+        p.apply(&allocation);
+        heartbeat(&mut p, "old", &[(0, 0)], None, at(1));
+        assert!(p.tick(at(2), 2).is_empty());
+        assert_eq!(p.holder(&task), Some(&wid("old")));
+        // Silent past the timeout, it is lost like any other.
+        let out = p.tick(at(20), 2);
+        assert_eq!(
+            kinds(&out),
+            ["WorkerLost", "AllocationRevoked", "TaskRequeued"]
+        );
     }
 
     proptest! {

@@ -65,6 +65,10 @@ pub enum AllocatorError {
     Publish(#[from] bus::PublishError),
     #[error("a follower of {0} stopped")]
     FollowerStopped(&'static str),
+    #[error(
+        "the lease of epoch {epoch} lapsed before a round's decisions were stored; restart to rebuild from the log"
+    )]
+    LeaseLapsed { epoch: u64 },
 }
 
 /// What a run did, for logs and tests.
@@ -115,12 +119,26 @@ pub async fn run(
     }
     drop(tx);
 
+    // The heads at start: the lease is only contended for once they are read, so that the epoch this
+    // instance takes is above every epoch in the log.
+    let mut startup = HashMap::new();
+    for stream in INPUTS {
+        startup.insert(stream, bus::last_sequence(&bus.jetstream, stream).await?);
+    }
+    let (ready_tx, mut ready_rx) = watch::channel(startup.values().all(|head| *head == 0));
+
     // The lease runs beside the loop and tells it where this instance stands.
     let (epoch_tx, epoch_rx) = watch::channel(0u64);
     let (standing_tx, standing_rx) = watch::channel(Standing::Standby);
     let renew = lease.renew_interval();
     let lease_cancel = helpers.clone();
     let lease_task = tokio::spawn(async move {
+        while !*ready_rx.borrow_and_update() {
+            tokio::select! {
+                _ = lease_cancel.cancelled() => return lease,
+                changed = ready_rx.changed() => if changed.is_err() { return lease },
+            }
+        }
         let mut interval = tokio::time::interval(renew);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -147,7 +165,7 @@ pub async fn run(
     let mut report = RunReport::default();
     // Heads the state must reach before this epoch may place anything.
     let mut catch_up: Option<(u64, HashMap<Stream, u64>)> = None;
-    let mut ticker = tokio::time::interval(config.tick);
+    let mut ticker = tokio::time::interval(config.tick.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_tick = Instant::now();
     let mut policy_epoch = 0;
@@ -159,6 +177,7 @@ pub async fn run(
             arrival = rx.recv() => {
                 let Some(arrival) = arrival else { break Err(AllocatorError::FollowerStopped("input")) };
                 let mut arrival = match arrival { Ok(a) => a, Err(e) => break Err(e) };
+                let mut failed = None;
                 loop {
                     for record in &arrival.records {
                         pool.apply(record);
@@ -166,10 +185,21 @@ pub async fn run(
                     applied.insert(arrival.stream, arrival.sequence);
                     match rx.try_recv() {
                         Ok(Ok(next)) => arrival = next,
-                        _ => break,
+                        Ok(Err(e)) => {
+                            failed = Some(e);
+                            break;
+                        }
+                        Err(_) => break,
                     }
                 }
+                if let Some(e) = failed.take() {
+                    break Err(e);
+                }
                 let _ = epoch_tx.send(pool.epoch_seen());
+                if !*ready_tx.borrow() && startup.iter().all(|(s, head)| applied.get(s).copied().unwrap_or(0) >= *head) {
+                    tracing::info!("read the log up to its heads at start; taking part in the lease");
+                    let _ = ready_tx.send(true);
+                }
             }
             _ = ticker.tick() => {}
         }
@@ -195,8 +225,12 @@ pub async fn run(
                     Ok(seq) => {
                         heads.insert(stream, seq);
                     }
-                    Err(e) => tracing::warn!(error = %e, "reading a stream head failed"),
+                    Err(e) => tracing::warn!(error = %e, "reading a stream head failed; retrying"),
                 }
+            }
+            if heads.len() < INPUTS.len() {
+                // Allocating without knowing every head could repeat a previous holder's decision.
+                continue;
             }
             tracing::info!(
                 epoch,
@@ -241,6 +275,12 @@ pub async fn run(
         }
         count(&mut report, &decided);
         let started = Instant::now();
+        // The decisions are already in the state: if the lease lapsed meanwhile, or the acks do not come
+        // while it holds, the state may be ahead of the log, and only a restart (a replay) is safe.
+        let until = match *standing_rx.borrow() {
+            Standing::Active { epoch: e, until } if e == epoch && Instant::now() < until => until,
+            _ => break Err(AllocatorError::LeaseLapsed { epoch }),
+        };
         let mut failed = None;
         for record in &decided {
             // Dropping the receipt is fine: `flush` reports every failed frame.
@@ -252,8 +292,10 @@ pub async fn run(
         if let Some(e) = failed {
             break Err(e.into());
         }
-        if let Err(e) = publisher.flush().await {
-            break Err(e.into());
+        match tokio::time::timeout_at(until.into(), publisher.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => break Err(e.into()),
+            Err(_) => break Err(AllocatorError::LeaseLapsed { epoch }),
         }
         metrics::histogram!("allocator_round_publish_seconds")
             .record(started.elapsed().as_secs_f64());

@@ -261,7 +261,26 @@ async fn run_command(config: &ExecConfig, mut job: Job<'_>) -> ExecOutcome {
         Ok(done) => done,
         Err(_) => {
             kill_group(pid).await;
-            (out_reader.await, err_reader.await)
+            let rest = async {
+                (
+                    Pin::new(&mut out_reader).await,
+                    Pin::new(&mut err_reader).await,
+                )
+            };
+            match tokio::time::timeout(PIPE_GRACE, rest).await {
+                Ok(done) => done,
+                Err(_) => {
+                    // A process that left the group (setsid, a daemon) holds the pipes: do not wait on it.
+                    out_reader.abort();
+                    err_reader.abort();
+                    group.armed = false;
+                    return ExecOutcome::Failed(TaskFailure::permanent(
+                        "the command left a process outside its process group holding its output open; \
+                         its output is lost"
+                            .to_owned(),
+                    ));
+                }
+            }
         }
     };
     group.armed = false;
@@ -557,6 +576,35 @@ mod tests {
             })
             .await;
         assert_eq!(outcome, ExecOutcome::Killed);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_process_escaping_the_group_with_the_pipes_does_not_hang_the_attempt() {
+        // `setsid` puts `sleep` in a new session, out of reach of the group kill, holding stdout.
+        let e = sh("setsid sleep 30 & echo started");
+        let input = Blob::Inline(Vec::new());
+        let started = Instant::now();
+        let outcome = e
+            .execute(Job {
+                task_id: TaskId::from_u128(2),
+                attempt: 1,
+                gpu_indices: &[0],
+                input: &input,
+                timeout: None,
+                kill: CancellationToken::new(),
+                started: None,
+            })
+            .await;
+        let ExecOutcome::Failed(failure) = outcome else {
+            panic!("expected a failure, got {outcome:?}")
+        };
+        assert!(!failure.retryable);
+        assert!(
+            failure.reason.contains("outside its process group"),
+            "{}",
+            failure.reason
+        );
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
