@@ -1,5 +1,5 @@
 //! Quote collateral: Intel's signed TCB info, QE identity and CRLs that a quote is verified against,
-//! loaded once from files and indexed by platform (FMSPC).
+//! loaded from files or fetched from a PCCS ([`crate::pccs`]), and indexed by platform (FMSPC).
 //!
 //! A collateral file is the JSON that `dcap-qvl` (and its PCCS client) produces: a `QuoteCollateralV3`
 //! with the byte fields hex-encoded (see `tests/fixtures/tdx_quote_collateral.json`).
@@ -7,12 +7,15 @@
 //! Each collateral carries a validity window: the latest of its items' issue dates to the earliest of
 //! their next updates (TCB info and QE identity `issueDate`/`nextUpdate`, the two CRLs'
 //! `thisUpdate`/`nextUpdate`). The verifier refuses to verify outside it, so an expired collateral is
-//! reported as such rather than as an opaque chain-of-trust failure. Refreshing collateral means building
-//! a new [`CollateralStore`] (and verifier); verification itself never does IO.
+//! reported as such rather than as an opaque chain-of-trust failure. Verification itself never does IO:
+//! with files, refreshing collateral means building a new [`CollateralStore`] (and verifier); with a PCCS,
+//! the service fetches a platform's collateral before verifying a quote that needs it and adds it to the
+//! verifier's store ([`crate::Verifier::add_collateral`]).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use dcap_qvl::QuoteCollateralV3;
 use events::Timestamp;
@@ -25,9 +28,9 @@ pub enum CollateralSource {
     /// A collateral JSON file, or a directory whose `*.json` files are each one collateral (one per
     /// FMSPC, typically named `<fmspc>.json`; the name is not trusted, the FMSPC is read from the TCB info).
     Files(PathBuf),
-    /// A PCCS base URL (`https://pccs.example/sgx/certification/v4/`). Fetching is not built in: the
-    /// attestor verifies offline, and an operator refreshes the files out of band (e.g. with
-    /// `dcap-qvl-cli`). Loading this source fails with [`CollateralError::PccsNotBuiltIn`].
+    /// A PCCS base URL (`https://pccs.example:8081`; a trailing `/sgx/certification/v4` is accepted).
+    /// Nothing is loaded up front: [`CollateralStore::load`] gives an empty store, and the service fetches
+    /// each platform's collateral with a [`crate::pccs::PccsClient`] when a quote first needs it.
     Url(String),
 }
 
@@ -61,10 +64,6 @@ pub enum CollateralError {
     },
     #[error("no collateral files (*.json) in {0}")]
     Empty(PathBuf),
-    #[error(
-        "PCCS fetch not built in (asked for {url}); use --collateral-file with collateral fetched out of band"
-    )]
-    PccsNotBuiltIn { url: String },
 }
 
 /// One dated item of a collateral.
@@ -218,14 +217,15 @@ impl Collateral {
 /// Collateral for every platform the pool knows, by FMSPC.
 #[derive(Debug, Clone, Default)]
 pub struct CollateralStore {
-    by_fmspc: HashMap<[u8; 6], Collateral>,
+    by_fmspc: HashMap<[u8; 6], Arc<Collateral>>,
 }
 
 impl CollateralStore {
-    /// Loads every collateral the source names.
+    /// Loads every collateral the source names; a PCCS source starts empty (its collateral is fetched
+    /// when quotes need it).
     pub fn load(source: &CollateralSource) -> Result<Self, CollateralError> {
         match source {
-            CollateralSource::Url(url) => Err(CollateralError::PccsNotBuiltIn { url: url.clone() }),
+            CollateralSource::Url(_) => Ok(Self::default()),
             CollateralSource::Files(path) => {
                 let read_err = |path: &Path| {
                     let path = path.to_owned();
@@ -262,7 +262,7 @@ impl CollateralStore {
     pub fn from_collaterals(
         collaterals: impl IntoIterator<Item = Collateral>,
     ) -> Result<Self, CollateralError> {
-        let mut by_fmspc: HashMap<[u8; 6], Collateral> = HashMap::new();
+        let mut by_fmspc: HashMap<[u8; 6], Arc<Collateral>> = HashMap::new();
         for c in collaterals {
             if let Some(other) = by_fmspc.get(&c.fmspc) {
                 return Err(CollateralError::DuplicateFmspc {
@@ -271,13 +271,23 @@ impl CollateralStore {
                     fmspc: hex::encode(&c.fmspc),
                 });
             }
-            by_fmspc.insert(c.fmspc, c);
+            by_fmspc.insert(c.fmspc, Arc::new(c));
         }
         Ok(Self { by_fmspc })
     }
 
     pub fn get(&self, fmspc: &[u8; 6]) -> Option<&Collateral> {
-        self.by_fmspc.get(fmspc)
+        self.by_fmspc.get(fmspc).map(|c| &**c)
+    }
+
+    /// The collateral for `fmspc`, shared (to use it after a lock on the store is released).
+    pub fn get_shared(&self, fmspc: &[u8; 6]) -> Option<Arc<Collateral>> {
+        self.by_fmspc.get(fmspc).cloned()
+    }
+
+    /// Adds `collateral`, replacing (and returning) the one held for its FMSPC: a refresh.
+    pub fn insert(&mut self, collateral: Collateral) -> Option<Arc<Collateral>> {
+        self.by_fmspc.insert(collateral.fmspc, Arc::new(collateral))
     }
 
     pub fn len(&self) -> usize {
@@ -349,7 +359,7 @@ fn civil_to_unix(year: u64, month: u64, day: u64, hour: u64, min: u64, sec: u64)
 }
 
 /// A DER tag-length-value: the tag, the contents, and what follows.
-fn der_tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
+pub(crate) fn der_tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
     let (&tag, rest) = input.split_first().ok_or("truncated DER: no tag")?;
     let (&first, rest) = rest.split_first().ok_or("truncated DER: no length")?;
     let (len, rest) = if first < 0x80 {
@@ -494,11 +504,9 @@ mod tests {
     }
 
     #[test]
-    fn a_url_source_says_fetching_is_not_built_in() {
-        let err = CollateralStore::load(&CollateralSource::Url("https://pccs.example/".into()))
-            .unwrap_err();
-        assert!(matches!(err, CollateralError::PccsNotBuiltIn { .. }));
-        assert!(err.to_string().contains("PCCS fetch not built in"), "{err}");
-        assert!(err.to_string().contains("--collateral-file"), "{err}");
+    fn a_url_source_starts_empty() {
+        let store =
+            CollateralStore::load(&CollateralSource::Url("https://pccs.example/".into())).unwrap();
+        assert!(store.is_empty());
     }
 }

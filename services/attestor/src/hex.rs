@@ -30,6 +30,28 @@ pub(crate) fn decode_array<const N: usize>(s: &str) -> Result<[u8; N], String> {
     Ok(out)
 }
 
+/// Decodes hex of either case (an even number of digits, nothing else) into bytes.
+pub(crate) fn decode_vec(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) {
+        return Err(format!("odd number of hex characters ({})", s.len()));
+    }
+    s.as_bytes()
+        .chunks_exact(2)
+        .enumerate()
+        .map(|(i, pair)| {
+            let hi = nibble(pair[0]).ok_or_else(|| format!("non-hex character at {}", i * 2))?;
+            let lo =
+                nibble(pair[1]).ok_or_else(|| format!("non-hex character at {}", i * 2 + 1))?;
+            Ok((hi << 4) | lo)
+        })
+        .collect()
+}
+
+/// `bytes` as upper-case hex (the form PCS URLs use for an FMSPC).
+pub(crate) fn encode_upper(bytes: &[u8]) -> String {
+    encode(bytes).to_ascii_uppercase()
+}
+
 fn nibble(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
@@ -52,5 +74,11 @@ mod tests {
         assert!(decode_array::<4>("009fa0fg").unwrap_err().contains("at 7"));
         // A multi-byte character must not split a char boundary or panic.
         assert!(decode_array::<2>("é0a").is_err());
+        assert_eq!(decode_vec("009FA0ff"), Ok(bytes.to_vec()));
+        assert_eq!(decode_vec(""), Ok(vec![]));
+        assert!(decode_vec("009").is_err());
+        assert!(decode_vec("0g").is_err());
+        assert!(decode_vec("é0").is_err());
+        assert_eq!(encode_upper(&[0xb0, 0xc0]), "B0C0");
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use attestor::{AttestorConfig, CollateralSource, Policy, Verifier};
+use attestor::{AttestorConfig, CollateralSource, PccsClient, PccsConfig, Policy, Verifier};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -22,9 +22,13 @@ struct Args {
     /// Collateral: a JSON file, or a directory of them (one per FMSPC), as Intel's PCS/PCCS serves it.
     #[arg(long, env = "COCOON_COLLATERAL", conflicts_with = "pccs_url")]
     collateral: Option<PathBuf>,
-    /// A PCCS-style base URL to fetch collateral from (not built in yet: the attestor says so and stops).
-    #[arg(long)]
+    /// A PCCS (or Intel PCS) base URL, http:// or https://, to fetch each platform's collateral from when a
+    /// quote first needs it (and again when it expires or is a day old), e.g. https://pccs.internal:8081.
+    #[arg(long, env = "COCOON_PCCS_URL")]
     pccs_url: Option<String>,
+    /// Extra CA certificates (PEM) to trust for an https PCCS, e.g. its self-signed certificate.
+    #[arg(long, value_name = "PEM", requires = "pccs_url")]
+    pccs_ca: Option<PathBuf>,
     /// Verify at this time (RFC 3339) instead of now: tests, and re-checking old quotes.
     #[arg(long)]
     verify_at: Option<String>,
@@ -84,9 +88,23 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(url)) => CollateralSource::Url(url.clone()),
         _ => anyhow::bail!("give the collateral: --collateral FILE|DIR (or --pccs-url URL)"),
     };
+    let pccs = match &args.pccs_url {
+        Some(url) => {
+            let mut pccs = PccsConfig::new(url.clone());
+            pccs.extra_ca = args.pccs_ca.clone();
+            let client = PccsClient::new(&pccs).context("--pccs-url")?;
+            tracing::info!(
+                pccs = client.base_url(),
+                "collateral is fetched from the PCCS as quotes need it"
+            );
+            Some(client)
+        }
+        None => None,
+    };
     let verifier =
         Arc::new(Verifier::from_source(policy, &source).context("loading the collateral")?);
     let mut config = AttestorConfig {
+        pccs,
         instance: args.instance.clone(),
         cache_capacity: args.cache_capacity,
         cache_ttl_verified: Duration::from_secs(args.cache_ttl_s),

@@ -13,10 +13,27 @@
 //! Time: the verification time is the real time, or the one injected (`verify_at`, for tests and for
 //! re-checking old quotes against their collateral). With an injected time, the verdict's valid-until is
 //! the validity it had left at that time, counted from the real time the verdict is issued.
+//!
+//! Collateral from a PCCS (`pccs` set): on a cache miss, before the verifier runs, the quote's FMSPC and PCK
+//! CA are read from its (not yet verified) PCK certificate. When the verifier holds no collateral for that
+//! FMSPC, or holds one whose window has ended at the verification time, or one fetched longer than
+//! `pccs_refresh` ago, it is fetched ([`crate::pccs::PccsClient`]) and added to the verifier; fetches for one
+//! FMSPC are serialised, so a batch of quotes from one platform fetches once. Verification itself stays
+//! IO-free.
+//!
+//! A failed fetch is not retried forever, because frames are acked together (AckAll) and an unacked
+//! batch would stall the stream behind a PCCS outage or a quote naming an FMSPC the PCCS does not know.
+//! Instead: a transient failure (network, timeout, HTTP 5xx) is retried twice with a short backoff; if the
+//! platform then still has no usable collateral, the submission is answered `AttestationRejected` with
+//! reason kind `no_collateral` and the fetch error, a verdict that is *not* cached, so the worker's next
+//! submission (agents re-attest periodically) asks again. For `pccs_retry_after` after a failed fetch the
+//! same FMSPC is not fetched again (its submissions are rejected the same way), which bounds the load a
+//! down PCCS or a forged FMSPC puts on it. A failed refresh of collateral that is still valid only logs.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bus::{Bus, ConsumerSpec, Follower, FrameConsumer, Publisher, PublisherConfig};
 use events::attestations::{AttestationRejected, AttestationSubmitted, nonce_time};
@@ -27,8 +44,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::binding::Binding;
 use crate::cache::{CacheKey, VerdictCache};
+use crate::pccs::{PccsClient, PccsError};
 use crate::pool::{PoolError, verify_blocking};
-use crate::verify::{Verdict, Verifier};
+use crate::verify::{RejectReason, Verdict, Verifier};
 
 pub const DURABLE: &str = "attestor";
 
@@ -52,6 +70,13 @@ pub struct AttestorConfig {
     pub registration_wait: Duration,
     pub batch_frames: usize,
     pub fetch_wait: Duration,
+    /// Fetch collateral from this PCCS when a quote's platform has none (or none valid); `None`: the
+    /// verifier's collateral is all there is (files).
+    pub pccs: Option<PccsClient>,
+    /// Fetched collateral older than this is fetched again (to pick up TCB recoveries before nextUpdate).
+    pub pccs_refresh: Duration,
+    /// After a failed fetch, the same FMSPC is not fetched again for this long.
+    pub pccs_retry_after: Duration,
 }
 
 impl Default for AttestorConfig {
@@ -68,6 +93,9 @@ impl Default for AttestorConfig {
             registration_wait: Duration::from_secs(10),
             batch_frames: 64,
             fetch_wait: Duration::from_millis(500),
+            pccs: None,
+            pccs_refresh: Duration::from_secs(24 * 3_600),
+            pccs_retry_after: Duration::from_secs(30),
         }
     }
 }
@@ -88,6 +116,9 @@ pub struct AttestorReport {
     pub verified: u64,
     pub rejected: u64,
     pub cache_hits: u64,
+    /// Collateral fetched from the PCCS (one per platform and refresh), and fetches that failed.
+    pub collateral_fetched: u64,
+    pub collateral_fetch_failures: u64,
 }
 
 /// Registered public keys by worker, from WORKERS.
@@ -119,12 +150,14 @@ pub async fn run(
     ));
     let codec = CodecConfig::default();
     let mut report = AttestorReport::default();
+    let fetcher = Fetcher::default();
     let ctx = Ctx {
         verifier,
         config: &config,
         semaphore: &semaphore,
         cache: &cache,
         keys: &keys,
+        fetcher: &fetcher,
     };
 
     while !cancel.is_cancelled() {
@@ -158,7 +191,7 @@ pub async fn run(
             let (event, hit) = match decided {
                 Ok(decided) => decided,
                 // Shutting down: nothing acked, the batch comes again.
-                Err(PoolError::Closed) => return Ok(report),
+                Err(PoolError::Closed) => return Ok(fetcher.report(report)),
                 Err(PoolError::Panicked(why)) => (
                     rejection(
                         submission,
@@ -187,7 +220,7 @@ pub async fn run(
         }
         batch.ack().await?;
     }
-    Ok(report)
+    Ok(fetcher.report(report))
 }
 
 struct Ctx<'a> {
@@ -196,6 +229,7 @@ struct Ctx<'a> {
     semaphore: &'a Semaphore,
     cache: &'a Mutex<VerdictCache>,
     keys: &'a Keys,
+    fetcher: &'a Fetcher,
 }
 
 impl Ctx<'_> {
@@ -243,6 +277,19 @@ impl Ctx<'_> {
         if let Some(v) = cached {
             return Ok((v, true));
         }
+        if let Some(pccs) = &self.config.pccs
+            && let Err((fmspc, error)) = self.ensure_collateral(pccs, quote, at).await
+        {
+            // Not cached: the next submission asks the PCCS again.
+            let verdict = Verdict::Rejected {
+                quote_hash: crate::hex::encode(&Sha256::digest(quote)),
+                reason: RejectReason::NoCollateral {
+                    fmspc: crate::hex::encode(&fmspc),
+                    fetch_error: Some(error.to_string()),
+                },
+            };
+            return Ok((verdict, false));
+        }
         let verdict = verify_blocking(
             self.verifier.clone(),
             self.semaphore,
@@ -256,6 +303,74 @@ impl Ctx<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, verdict.clone(), at);
         Ok((verdict, false))
+    }
+
+    /// Makes sure the verifier holds usable collateral for the quote's platform, fetching it from the PCCS
+    /// if not (see the module doc). `Err`: the platform has no usable collateral, and why. A quote whose
+    /// platform cannot be read is left to the verifier, which rejects it.
+    async fn ensure_collateral(
+        &self,
+        pccs: &PccsClient,
+        quote: &[u8],
+        at: SystemTime,
+    ) -> Result<(), ([u8; 6], PccsError)> {
+        let Some((fmspc, ca)) = platform_of(quote) else {
+            return Ok(());
+        };
+        let at_secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let usable = |verifier: &Verifier| {
+            verifier
+                .collateral(&fmspc)
+                .is_some_and(|c| c.check_window(at_secs).is_ok())
+        };
+        let entry = self.fetcher.entry(fmspc);
+        let mut entry = entry.lock().await;
+        let now = tokio::time::Instant::now();
+        let fresh = entry
+            .fetched_at
+            .is_none_or(|t| now.duration_since(t) < self.config.pccs_refresh);
+        let usable_now = usable(&self.verifier);
+        if usable_now && fresh {
+            return Ok(());
+        }
+        if let Some(t) = entry.attempted_at
+            && now.duration_since(t) < self.config.pccs_retry_after
+        {
+            // Asked recently: answer as that attempt left things.
+            return match (&entry.error, usable_now) {
+                (Some(error), false) => Err((fmspc, error.clone())),
+                _ => Ok(()),
+            };
+        }
+        entry.attempted_at = Some(now);
+        match fetch_with_retries(pccs, &fmspc, ca).await {
+            Ok(collateral) => {
+                tracing::info!(
+                    fmspc = crate::hex::encode(&fmspc),
+                    pccs = pccs.base_url(),
+                    "collateral fetched"
+                );
+                self.verifier.add_collateral(collateral);
+                entry.fetched_at = Some(now);
+                entry.error = None;
+                self.fetcher.fetched.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("cocoon_attestor_collateral_fetches_total", "result" => "ok")
+                    .increment(1);
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(fmspc = crate::hex::encode(&fmspc), %error, still_usable = usable_now, "fetching collateral failed");
+                entry.error = Some(error.clone());
+                self.fetcher.failed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("cocoon_attestor_collateral_fetches_total", "result" => "error")
+                    .increment(1);
+                if usable_now {
+                    Ok(())
+                } else {
+                    Err((fmspc, error))
+                }
+            }
+        }
     }
 
     /// With an injected verification time, the remaining validity at that time, counted from now.
@@ -330,6 +445,71 @@ impl Ctx<'_> {
             }
         }
     }
+}
+
+/// Collateral fetches, one lock per FMSPC (so one fetch per platform at a time), and their counts.
+#[derive(Debug, Default)]
+struct Fetcher {
+    entries: Mutex<HashMap<[u8; 6], Arc<tokio::sync::Mutex<FetchEntry>>>>,
+    fetched: AtomicU64,
+    failed: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct FetchEntry {
+    /// When the collateral the verifier holds was fetched.
+    fetched_at: Option<tokio::time::Instant>,
+    /// The last fetch attempt, and its error if it failed.
+    attempted_at: Option<tokio::time::Instant>,
+    error: Option<PccsError>,
+}
+
+impl Fetcher {
+    fn entry(&self, fmspc: [u8; 6]) -> Arc<tokio::sync::Mutex<FetchEntry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(fmspc)
+            .or_default()
+            .clone()
+    }
+
+    fn report(&self, mut report: AttestorReport) -> AttestorReport {
+        report.collateral_fetched = self.fetched.load(Ordering::Relaxed);
+        report.collateral_fetch_failures = self.failed.load(Ordering::Relaxed);
+        report
+    }
+}
+
+/// Three tries at most, 0.5 s then 1 s apart, while the failure is transient.
+async fn fetch_with_retries(
+    pccs: &PccsClient,
+    fmspc: &[u8; 6],
+    ca: dcap_qvl::config::PckCa,
+) -> Result<crate::Collateral, PccsError> {
+    let mut backoff = Duration::from_millis(500);
+    let mut tries = 1;
+    loop {
+        match pccs.fetch(fmspc, ca).await {
+            Err(e) if e.is_transient() && tries < 3 => {
+                tracing::debug!(error = %e, "fetching collateral failed; trying again");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The FMSPC and PCK CA a TDX quote's PCK certificate names; `None` when the quote does not parse or is
+/// not TDX (the verifier will say so).
+fn platform_of(quote: &[u8]) -> Option<([u8; 6], dcap_qvl::config::PckCa)> {
+    let quote = dcap_qvl::quote::Quote::parse(quote).ok()?;
+    quote.report.as_td10()?;
+    let fmspc = dcap_qvl::intel::quote_fmspc(&quote).ok()?;
+    let ca = dcap_qvl::intel::quote_ca(&quote).ok()?;
+    Some((fmspc, ca))
 }
 
 fn rejection(s: &AttestationSubmitted, reason: String) -> Event {

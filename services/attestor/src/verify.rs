@@ -19,6 +19,7 @@
 //! CRLs and certificates, as `dcap-qvl` computes it), and the verification time plus the policy's cap.
 
 use std::fmt;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dcap_qvl::QuoteClaims;
@@ -29,7 +30,7 @@ use events::{Event, Timestamp, WorkerId};
 use sha2::{Digest, Sha256};
 
 use crate::binding::{self, Binding, BindingError};
-use crate::collateral::{CollateralError, CollateralSource, CollateralStore};
+use crate::collateral::{Collateral, CollateralError, CollateralSource, CollateralStore};
 use crate::hex;
 use crate::policy::{self, Policy, Register};
 
@@ -110,9 +111,16 @@ pub enum RejectReason {
     /// The TD runs with a TUD bit set (DEBUG is bit 0): the host can read its memory.
     #[error("debug TD refused: TD attributes 0x{td_attributes:016x} have TUD bits (7:0) set")]
     DebugTd { td_attributes: u64 },
-    /// No collateral is loaded for the quote's platform.
-    #[error("no collateral for the quote's platform (FMSPC {fmspc})")]
-    NoCollateral { fmspc: String },
+    /// No collateral is loaded for the quote's platform (and, with a PCCS, fetching it failed: the
+    /// service says why in `fetch_error`, and does not cache the verdict).
+    #[error(
+        "no collateral for the quote's platform (FMSPC {fmspc}){}",
+        fetch_failure(fetch_error)
+    )]
+    NoCollateral {
+        fmspc: String,
+        fetch_error: Option<String>,
+    },
     /// The collateral (or a certificate it or the quote carries) is expired or not yet valid at the
     /// verification time.
     #[error("collateral not valid at the verification time: {detail}")]
@@ -140,6 +148,13 @@ pub enum RejectReason {
     /// The quote is genuine but does not bind the submitted key and nonce.
     #[error("quote does not bind the submitted key: {0}")]
     Binding(BindingError),
+}
+
+fn fetch_failure(error: &Option<String>) -> String {
+    error
+        .as_deref()
+        .map(|e| format!(": fetching it from the PCCS failed: {e}"))
+        .unwrap_or_default()
 }
 
 fn advisories(ids: &[String]) -> String {
@@ -182,18 +197,19 @@ impl RejectReason {
     }
 }
 
-/// Verifies quotes against a policy and the collateral loaded at construction. Cheap to share
-/// (`Arc<Verifier>`); `verify` takes `&self` and does no IO.
+/// Verifies quotes against a policy and the collateral in its store: loaded at construction, and added at
+/// run time with [`add_collateral`](Self::add_collateral) (the service does, after fetching from a PCCS).
+/// Cheap to share (`Arc<Verifier>`); `verify` takes `&self` and does no IO.
 pub struct Verifier {
     policy: Policy,
-    collateral: CollateralStore,
+    collateral: RwLock<CollateralStore>,
 }
 
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Verifier")
             .field("policy", &self.policy)
-            .field("collateral_platforms", &self.collateral.len())
+            .field("collateral_platforms", &self.collateral_platforms())
             .finish()
     }
 }
@@ -210,12 +226,41 @@ impl dcap_qvl::Policy for ClaimsOnly {
 
 impl Verifier {
     pub fn new(policy: Policy, collateral: CollateralStore) -> Self {
-        Self { policy, collateral }
+        Self {
+            policy,
+            collateral: RwLock::new(collateral),
+        }
     }
 
-    /// Loads the collateral from `source` (no IO happens after this).
+    /// Loads the collateral from `source` (files; a PCCS source starts with an empty store, which the
+    /// service fills as quotes need it). `verify` does no IO either way.
     pub fn from_source(policy: Policy, source: &CollateralSource) -> Result<Self, CollateralError> {
         Ok(Self::new(policy, CollateralStore::load(source)?))
+    }
+
+    /// Adds a platform's collateral, replacing the one held for its FMSPC (a refresh); returns the old one.
+    /// Verifications already running keep the collateral they started with.
+    pub fn add_collateral(&self, collateral: Collateral) -> Option<Arc<Collateral>> {
+        self.collateral
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(collateral)
+    }
+
+    /// The collateral held for a platform.
+    pub fn collateral(&self, fmspc: &[u8; 6]) -> Option<Arc<Collateral>> {
+        self.collateral
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_shared(fmspc)
+    }
+
+    /// How many platforms have collateral.
+    pub fn collateral_platforms(&self) -> usize {
+        self.collateral
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     pub fn policy(&self) -> &Policy {
@@ -266,10 +311,10 @@ impl Verifier {
             detail: format!("PCK certificate: {e:#}"),
         })?;
         let collateral = self
-            .collateral
-            .get(&fmspc)
+            .collateral(&fmspc)
             .ok_or_else(|| RejectReason::NoCollateral {
                 fmspc: hex::encode(&fmspc),
+                fetch_error: None,
             })?;
         collateral
             .check_window(now_secs)
@@ -404,7 +449,10 @@ mod tests {
             RejectReason::Malformed { detail: "x".into() },
             RejectReason::NotTdx { tee_type: 0 },
             RejectReason::DebugTd { td_attributes: 1 },
-            RejectReason::NoCollateral { fmspc: "x".into() },
+            RejectReason::NoCollateral {
+                fmspc: "x".into(),
+                fetch_error: None,
+            },
             RejectReason::CollateralExpired { detail: "x".into() },
             RejectReason::Cryptographic { detail: "x".into() },
             RejectReason::TcbUnappraisable { detail: "x".into() },
@@ -431,6 +479,19 @@ mod tests {
         assert_eq!(
             reasons[8].to_string(),
             "RTMR1 00 is not allowed by the policy"
+        );
+        assert_eq!(
+            reasons[3].to_string(),
+            "no collateral for the quote's platform (FMSPC x)"
+        );
+        let fetch_failed = RejectReason::NoCollateral {
+            fmspc: "x".into(),
+            fetch_error: Some("http://pccs/ answered HTTP 503".into()),
+        };
+        assert_eq!(fetch_failed.kind(), "no_collateral");
+        assert_eq!(
+            fetch_failed.to_string(),
+            "no collateral for the quote's platform (FMSPC x): fetching it from the PCCS failed: http://pccs/ answered HTTP 503"
         );
     }
 

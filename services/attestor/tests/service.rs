@@ -5,12 +5,15 @@
 //! window; and the sample binds no key of ours, so its report data is accepted as the named development
 //! exception (`dev_accept_report_data`). Everything else is production behaviour.
 
+#[path = "common/stand_in_pccs.rs"]
+mod stand_in_pccs;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use allocator::{AllocatorConfig, PoolConfig};
-use attestor::{AttestorConfig, CollateralSource, Policy, Verifier};
+use attestor::{AttestorConfig, CollateralSource, PccsClient, PccsConfig, Policy, Verifier};
 use bus::{Bus, Publisher, PublisherConfig, provision_streams};
 use client::{Producer, ProducerConfig, TaskRequest};
 use events::attestations::{AttestationSubmitted, nonce_at};
@@ -227,6 +230,126 @@ async fn submissions_are_checked_verified_cached_and_answered_in_order() {
     assert_eq!(
         (report.verified, report.rejected, report.cache_hits),
         (2, 4, 1),
+        "{report:?}"
+    );
+}
+
+/// The attestor with collateral from a PCCS (the stand-in in `common/stand_in_pccs.rs`): the first quote
+/// of a platform fetches its collateral, later ones reuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collateral_is_fetched_from_the_pccs_once_per_platform() {
+    let (_server, bus, publisher) = start().await;
+    let pccs = stand_in_pccs::StandInPccs::start().await;
+    let policy = Policy::load(&fixtures().join("policy.json")).unwrap();
+    let verifier =
+        Arc::new(Verifier::from_source(policy, &CollateralSource::Url(pccs.url())).unwrap());
+    let config = AttestorConfig {
+        pccs: Some(PccsClient::new(&PccsConfig::new(pccs.url())).unwrap()),
+        ..config()
+    };
+    let cancel = CancellationToken::new();
+    let service = tokio::spawn(attestor::run(
+        bus.clone(),
+        verifier.clone(),
+        config,
+        cancel.clone(),
+    ));
+    let key = vec![1u8; 32];
+    register(&publisher, "w-pccs", key.clone()).await;
+    publish(
+        &publisher,
+        submission("w-pccs", good_quote(), key.clone(), Timestamp::now()),
+    )
+    .await;
+    let got = wait_for_verdicts(&bus, 1).await;
+    assert_eq!(got, [("w-pccs".into(), true, String::new())]);
+    assert_eq!(pccs.requests().len(), 4, "{:?}", pccs.requests());
+    for route in stand_in_pccs::ROUTES {
+        assert_eq!(pccs.count(route), 1, "{route}");
+    }
+    assert_eq!(verifier.collateral_platforms(), 1);
+
+    // A fresh nonce misses the verdict cache (the key binding is checked per nonce) but not the collateral.
+    publish(
+        &publisher,
+        submission("w-pccs", good_quote(), key.clone(), Timestamp::now()),
+    )
+    .await;
+    let got = wait_for_verdicts(&bus, 2).await;
+    assert!(got[1].1, "{got:?}");
+    assert_eq!(pccs.requests().len(), 4, "{:?}", pccs.requests());
+
+    cancel.cancel();
+    let report = service.await.unwrap().unwrap();
+    assert_eq!(
+        (
+            report.verified,
+            report.collateral_fetched,
+            report.collateral_fetch_failures
+        ),
+        (2, 1, 0),
+        "{report:?}"
+    );
+}
+
+/// A PCCS that fails does not reject the platform for good: the submission is rejected (`no_collateral`,
+/// with the fetch error), that verdict is not cached, and the next submission fetches again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fetch_rejects_the_submission_but_not_the_next_one() {
+    let (_server, bus, publisher) = start().await;
+    let pccs = stand_in_pccs::StandInPccs::start().await;
+    pccs.set(stand_in_pccs::TCB, stand_in_pccs::Reply::status(404));
+    let policy = Policy::load(&fixtures().join("policy.json")).unwrap();
+    let verifier =
+        Arc::new(Verifier::from_source(policy, &CollateralSource::Url(pccs.url())).unwrap());
+    let config = AttestorConfig {
+        pccs: Some(PccsClient::new(&PccsConfig::new(pccs.url())).unwrap()),
+        pccs_retry_after: Duration::ZERO,
+        ..config()
+    };
+    let cancel = CancellationToken::new();
+    let service = tokio::spawn(attestor::run(bus.clone(), verifier, config, cancel.clone()));
+    let key = vec![1u8; 32];
+    register(&publisher, "w-pccs", key.clone()).await;
+    publish(
+        &publisher,
+        submission("w-pccs", good_quote(), key.clone(), Timestamp::now()),
+    )
+    .await;
+    let got = wait_for_verdicts(&bus, 1).await;
+    assert!(!got[0].1, "{got:?}");
+    assert!(
+        got[0]
+            .2
+            .starts_with("no collateral for the quote's platform (FMSPC b0c06f000000): fetching it from the PCCS failed:")
+            && got[0].2.contains("HTTP 404"),
+        "{}",
+        got[0].2
+    );
+    // A 404 is not transient: asked once.
+    assert_eq!(pccs.count(stand_in_pccs::TCB), 1);
+
+    // The PCCS learns the platform; the same quote, resubmitted, is verified.
+    let good = stand_in_pccs::replies_for(&stand_in_pccs::sample_collateral_path(), None);
+    pccs.set(stand_in_pccs::TCB, good[stand_in_pccs::TCB].clone());
+    publish(
+        &publisher,
+        submission("w-pccs", good_quote(), key.clone(), Timestamp::now()),
+    )
+    .await;
+    let got = wait_for_verdicts(&bus, 2).await;
+    assert!(got[1].1, "{got:?}");
+
+    cancel.cancel();
+    let report = service.await.unwrap().unwrap();
+    assert_eq!(
+        (
+            report.verified,
+            report.rejected,
+            report.collateral_fetched,
+            report.collateral_fetch_failures
+        ),
+        (1, 1, 1, 1),
         "{report:?}"
     );
 }

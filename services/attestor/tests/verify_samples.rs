@@ -391,7 +391,8 @@ fn a_platform_without_collateral_is_refused() {
     assert_eq!(
         reason(&verdict),
         &RejectReason::NoCollateral {
-            fmspc: "b0c06f000000".into()
+            fmspc: "b0c06f000000".into(),
+            fetch_error: None,
         }
     );
 }
@@ -457,15 +458,33 @@ fn collateral_loads_from_a_directory_or_a_file_and_names_what_is_wrong() {
     }))
     .unwrap_err();
     assert!(dup.to_string().contains("b0c06f000000"), "{dup}");
-    let url = Verifier::from_source(
+    // A PCCS source starts empty: the service fetches collateral as quotes need it, and adds it.
+    let from_pccs = Verifier::from_source(
         sample_policy(),
         &CollateralSource::Url("https://pccs.example/".into()),
     )
-    .unwrap_err();
-    assert!(
-        url.to_string().starts_with("PCCS fetch not built in"),
-        "{url}"
+    .unwrap();
+    assert_eq!(from_pccs.collateral_platforms(), 0);
+    let quote = good_quote();
+    let binding = Binding::Exact(good_report_data());
+    assert_eq!(
+        reason(&from_pccs.verify(&quote, &binding, at(GOOD_TIME))).kind(),
+        "no_collateral"
     );
+    let collateral = attestor::Collateral::from_json(
+        &read("collateral/tdx_quote_collateral.json"),
+        Path::new("c.json"),
+    )
+    .unwrap();
+    assert!(from_pccs.add_collateral(collateral.clone()).is_none());
+    assert!(
+        from_pccs
+            .verify(&quote, &binding, at(GOOD_TIME))
+            .is_verified()
+    );
+    // Adding it again replaces it.
+    assert!(from_pccs.add_collateral(collateral).is_some());
+    assert_eq!(from_pccs.collateral_platforms(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
