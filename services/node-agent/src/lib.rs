@@ -78,6 +78,8 @@ pub struct AgentConfig {
     pub attestation: Option<attest::QuoteSource>,
     /// How often the worker attests again (before its verdict expires).
     pub reattest_interval: Duration,
+    /// How often the registration is published again (well inside the WORKERS stream's 7-day retention).
+    pub reregister_interval: Duration,
 }
 
 impl AgentConfig {
@@ -108,6 +110,7 @@ impl AgentConfig {
             memory_sample_interval: Duration::from_millis(500),
             attestation: None,
             reattest_interval: Duration::from_secs(20 * 60),
+            reregister_interval: Duration::from_secs(3_600),
         }
     }
 
@@ -193,7 +196,7 @@ pub async fn run(
     };
     // Awaited: a missing WORKERS stream is a clear error now rather than silent heartbeats later.
     publisher
-        .publish(&EventRecord::new(producer.clone(), registered))
+        .publish(&EventRecord::new(producer.clone(), registered.clone()))
         .await?
         .await?;
 
@@ -207,9 +210,16 @@ pub async fn run(
         hard_stop: CancellationToken::new(),
     });
     let stop_heartbeats = CancellationToken::new();
+    // Re-registration stops before WorkerDraining is published, so it can never undo the drain.
+    let stop_reregistering = CancellationToken::new();
     let heartbeats = tokio::spawn(heartbeat_loop(
         agent.clone(),
         bus.client.clone(),
+        Reregistration {
+            event: registered,
+            every: agent.config.reregister_interval,
+            stop: stop_reregistering.clone(),
+        },
         stop_heartbeats.clone(),
     ));
     let drain = CancellationToken::new();
@@ -253,6 +263,7 @@ pub async fn run(
         Some(e) => format!("cannot read allocations: {e}"),
     };
     tracing::info!(worker = %worker, %reason, "draining");
+    stop_reregistering.cancel();
     let draining = agent
         .publisher
         .publish(&EventRecord::new(
@@ -716,11 +727,21 @@ async fn sample_peak_memory(
 }
 
 /// Sends a heartbeat every interval until `stop`; returns how many it sent.
+/// The registration, published again every `every`: WORKERS keeps events for a limited time (7 days), and
+/// an allocator or attestor that starts later must still find this worker's registration in the log.
+struct Reregistration {
+    event: WorkerRegistered,
+    every: Duration,
+    stop: CancellationToken,
+}
+
 async fn heartbeat_loop(
     agent: Arc<Agent>,
     client: async_nats::Client,
+    reregistration: Reregistration,
     stop: CancellationToken,
 ) -> u64 {
+    let mut registered_at = Instant::now();
     let worker = agent.config.worker_id.clone();
     let mut interval = tokio::time::interval(agent.config.heartbeat_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -732,6 +753,11 @@ async fn heartbeat_loop(
             _ = interval.tick() => {}
         }
         sequence += 1;
+        if registered_at.elapsed() >= reregistration.every && !reregistration.stop.is_cancelled() {
+            registered_at = Instant::now();
+            let record = EventRecord::new(agent.producer.clone(), reregistration.event.clone());
+            drop(agent.publish(record).await);
+        }
         let latency_us = round_trip(&client).await;
         let (running_tasks, load) = {
             let state = agent.lock();

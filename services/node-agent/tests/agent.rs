@@ -579,3 +579,27 @@ async fn many_simulated_agents_share_one_publisher() {
     }
     assert!(largest > 1, "every frame held one event");
 }
+
+#[tokio::test]
+async fn the_registration_is_renewed_until_the_drain() {
+    let pool = pool().await;
+    let mut c = config("renewing", 1);
+    c.reregister_interval = Duration::from_millis(300);
+    let agent = start(&pool, c, 1, script_executor());
+    until(&pool.bus, Stream::Workers, "three registrations", |r| {
+        kinds(r)
+            .iter()
+            .filter(|k| **k == "WorkerRegistered")
+            .count()
+            >= 3
+    })
+    .await;
+    agent.stop().await;
+    let records = read(&pool.bus, Stream::Workers).await;
+    let order = kinds(&records);
+    let draining = order.iter().position(|k| *k == "WorkerDraining").unwrap();
+    assert!(
+        !order[draining..].contains(&"WorkerRegistered"),
+        "a registration after the drain would undo it: {order:?}"
+    );
+}
