@@ -94,6 +94,11 @@ struct Worker {
     key: Option<Key>,
     /// The tags `key` is filed under in `by_tag` (what `recent_tags` was when it was filed).
     indexed_tags: Vec<String>,
+    /// Sequence of the newest heartbeat: it counts up within one agent run, so a lower one means the agent
+    /// restarted.
+    heartbeat_sequence: u64,
+    /// When a restart was seen: attempts it held from before then died with the old run.
+    restarted_at: Option<Timestamp>,
 }
 
 impl Worker {
@@ -116,6 +121,8 @@ impl Worker {
             recent_tags: VecDeque::new(),
             key: None,
             indexed_tags: Vec::new(),
+            heartbeat_sequence: 0,
+            restarted_at: None,
         }
     }
 
@@ -411,6 +418,10 @@ impl Pool {
                     return;
                 }
                 w.last_seen = at;
+                if e.sequence < w.heartbeat_sequence {
+                    w.restarted_at = Some(at);
+                }
+                w.heartbeat_sequence = e.sequence;
                 if w.lost_at_heartbeat.is_some_and(|lost| at > lost) {
                     w.lost_at_heartbeat = None;
                 }
@@ -544,6 +555,14 @@ impl Pool {
                     // Revoked (its requeue was not stored, e.g. the holder died in between): now.
                     None => take_back.push((*id, RequeueReason::Revoked)),
                     Some(r) if self.workers[r.slot as usize].gone() => {
+                        take_back.push((*id, RequeueReason::WorkerLost));
+                    }
+                    // Its agent restarted after this attempt reached it: the new run does not have it.
+                    Some(r)
+                        if self.workers[r.slot as usize]
+                            .restarted_at
+                            .is_some_and(|restart| t.since < restart) =>
+                    {
                         take_back.push((*id, RequeueReason::WorkerLost));
                     }
                     // A timeout of 0 means none (as the agent reads it).
@@ -1067,6 +1086,19 @@ mod tests {
                     .collect(),
                 running_tasks: vec![],
                 latency_us,
+            },
+            when,
+        ));
+    }
+
+    fn heartbeat_seq(p: &mut Pool, name: &str, sequence: u64, when: Timestamp) {
+        p.apply(&rec(
+            WorkerHeartbeat {
+                worker_id: wid(name),
+                sequence,
+                gpus: vec![],
+                running_tasks: vec![],
+                latency_us: None,
             },
             when,
         ));
@@ -1808,6 +1840,49 @@ mod tests {
             kinds(&out),
             ["WorkerLost", "AllocationRevoked", "TaskRequeued"]
         );
+    }
+
+    #[test]
+    fn an_agent_restart_gives_back_what_the_old_run_held() {
+        let mut p = pool();
+        worker(
+            &mut p,
+            W {
+                name: "w",
+                gpus: 1,
+                mib: 80_000,
+                price: 1,
+                max: 4,
+                tags: &[],
+            },
+            at(0),
+        );
+        let task = submit(&mut p, spec(1, 1, 10, 5, None), at(0));
+        p.allocate(at(0), 1);
+        p.apply(&rec(
+            TaskStarted {
+                task_id: task,
+                worker_id: wid("w"),
+                attempt: 1,
+                gpu_indices: vec![0],
+            },
+            at(1),
+        ));
+        for (seq, t) in [(1, 1), (2, 3), (3, 5)] {
+            heartbeat_seq(&mut p, "w", seq, at(t));
+        }
+        assert!(p.tick(at(5), 1).is_empty());
+        // The agent restarted: its heartbeats count from 1 again, well within the heartbeat timeout.
+        heartbeat_seq(&mut p, "w", 1, at(6));
+        let out = p.tick(at(6), 1);
+        assert_eq!(kinds(&out), ["AllocationRevoked", "TaskRequeued"]);
+        // The next attempt, placed after the restart, stays.
+        assert_eq!(
+            allocated(&p.allocate(at(7), 1)),
+            vec![(task, "w".to_owned(), 2)]
+        );
+        heartbeat_seq(&mut p, "w", 2, at(8));
+        assert!(p.tick(at(8), 1).is_empty());
     }
 
     proptest! {
