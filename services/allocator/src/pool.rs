@@ -479,7 +479,16 @@ impl Pool {
         // skips the search (which, in a full pool, would look at every worker).
         let mut failed: Vec<Requirements> = Vec::new();
         let mut failed_price: Vec<Nanoton> = Vec::new();
-        for task_id in self.queue.peek_order(now, self.config.batch_size) {
+        // Look past tasks that cannot be placed now (so small tasks are not stuck behind big ones), but
+        // search for at most `batch_size` of them per round.
+        let mut searches = 0;
+        for task_id in self
+            .queue
+            .peek_order(now, self.config.batch_size.saturating_mul(8))
+        {
+            if searches >= self.config.batch_size {
+                break;
+            }
             let Some(spec) = self.tasks.get(&task_id).map(|t| &t.spec) else {
                 continue;
             };
@@ -501,6 +510,7 @@ impl Pool {
             let found = if hopeless {
                 None
             } else {
+                searches += 1;
                 let found = self.best_for(&task_id, now);
                 if found.is_none() && failed.len() < 64 {
                     failed.push(spec.requirements.clone());
@@ -1883,6 +1893,40 @@ mod tests {
         );
         heartbeat_seq(&mut p, "w", 2, at(8));
         assert!(p.tick(at(8), 1).is_empty());
+    }
+
+    #[test]
+    fn small_tasks_are_not_stuck_behind_big_ones_that_cannot_be_placed() {
+        let mut p = Pool::new(
+            PoolConfig {
+                batch_size: 2,
+                ..PoolConfig::default()
+            },
+            ProducerId::new("a").unwrap(),
+        );
+        worker(
+            &mut p,
+            W {
+                name: "w",
+                gpus: 2,
+                mib: 80_000,
+                price: 1,
+                max: 8,
+                tags: &[],
+            },
+            at(0),
+        );
+        // One of the worker's two GPUs is full: three 2-GPU tasks cannot be placed now, a 1-GPU task can.
+        heartbeat(&mut p, "w", &[(0, 0), (80_000, 100)], None, at(0));
+        let big: Vec<TaskId> = (0..3)
+            .map(|_| submit(&mut p, spec(2, 40_000, 10, 9, None), at(0)))
+            .collect();
+        let small = submit(&mut p, spec(1, 40_000, 10, 1, None), at(0));
+        // Two searches per round: the first big task fails, the other two are skipped as no easier, and
+        // the small one (lowest priority, last in line) is placed.
+        let out = p.allocate(at(1), 1);
+        assert_eq!(allocated(&out), vec![(small, "w".to_owned(), 1)]);
+        assert!(big.iter().all(|t| p.is_waiting(t)));
     }
 
     proptest! {
