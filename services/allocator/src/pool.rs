@@ -278,8 +278,15 @@ impl Pool {
         Some(&self.workers[slot as usize].id)
     }
 
-    /// Folds one event into the state. Events the allocator does not use are ignored.
+    /// Folds one event into the state. Events the allocator does not use are ignored. Liveness is judged by
+    /// the events' own times; see [`Pool::apply_stored`] for the server's.
     pub fn apply(&mut self, record: &EventRecord) {
+        self.apply_stored(record, record.envelope.occurred_at);
+    }
+
+    /// [`Pool::apply`], with `stored_at` (when the server stored the frame) as the time a worker was last
+    /// heard from: worker clocks that drift do not make a worker look lost or alive.
+    pub fn apply_stored(&mut self, record: &EventRecord, stored_at: Timestamp) {
         let at = record.envelope.occurred_at;
         match &record.event {
             Event::TaskSubmitted(e) => {
@@ -380,7 +387,7 @@ impl Pool {
                 w.deregistered = false;
                 w.draining = false;
                 w.lost_at_heartbeat = None;
-                w.last_seen = w.last_seen.max(at);
+                w.last_seen = w.last_seen.max(stored_at);
                 w.price = e.price_per_gpu_second;
                 w.max_concurrent = e.max_concurrent_tasks;
                 w.model_tags = e.model_tags.clone();
@@ -414,15 +421,15 @@ impl Pool {
             Event::WorkerHeartbeat(e) => {
                 let slot = self.slot(&e.worker_id, at);
                 let w = &mut self.workers[slot as usize];
-                if at < w.last_seen {
+                if stored_at < w.last_seen {
                     return;
                 }
-                w.last_seen = at;
+                w.last_seen = stored_at;
                 if e.sequence < w.heartbeat_sequence {
-                    w.restarted_at = Some(at);
+                    w.restarted_at = Some(stored_at);
                 }
                 w.heartbeat_sequence = e.sequence;
-                if w.lost_at_heartbeat.is_some_and(|lost| at > lost) {
+                if w.lost_at_heartbeat.is_some_and(|lost| stored_at > lost) {
                     w.lost_at_heartbeat = None;
                 }
                 if e.latency_us.is_some() {
@@ -1927,6 +1934,46 @@ mod tests {
         let out = p.allocate(at(1), 1);
         assert_eq!(allocated(&out), vec![(small, "w".to_owned(), 1)]);
         assert!(big.iter().all(|t| p.is_waiting(t)));
+    }
+
+    #[test]
+    fn liveness_follows_the_server_s_clock_not_the_agent_s() {
+        let mut p = pool();
+        worker(
+            &mut p,
+            W {
+                name: "w",
+                gpus: 1,
+                mib: 80_000,
+                price: 1,
+                max: 4,
+                tags: &[],
+            },
+            at(0),
+        );
+        // The agent's clock is an hour behind; the server stored its heartbeats just now.
+        for t in [5, 10, 15] {
+            let hb = rec(
+                WorkerHeartbeat {
+                    worker_id: wid("w"),
+                    sequence: t as u64,
+                    gpus: vec![],
+                    running_tasks: vec![],
+                    latency_us: None,
+                },
+                at(t - 3_600),
+            );
+            p.apply_stored(&hb, at(t));
+        }
+        assert!(
+            p.tick(at(20), 1).is_empty(),
+            "heard from 5 s ago by the server's clock"
+        );
+        let task = submit(&mut p, spec(1, 1, 10, 5, None), at(20));
+        assert_eq!(
+            allocated(&p.allocate(at(20), 1)),
+            vec![(task, "w".to_owned(), 1)]
+        );
     }
 
     proptest! {

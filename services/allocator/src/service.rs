@@ -86,6 +86,8 @@ pub struct RunReport {
 struct Arrival {
     stream: Stream,
     sequence: u64,
+    /// When the server stored the frame: the allocator's measure of when a worker was last heard from.
+    stored_at: Timestamp,
     records: Vec<EventRecord>,
 }
 
@@ -180,7 +182,7 @@ pub async fn run(
                 let mut failed = None;
                 loop {
                     for record in &arrival.records {
-                        pool.apply(record);
+                        pool.apply_stored(record, arrival.stored_at);
                     }
                     applied.insert(arrival.stream, arrival.sequence);
                     match rx.try_recv() {
@@ -359,6 +361,7 @@ async fn follow(
                 Ok(records) => Ok(Arrival {
                     stream,
                     sequence: frame.stream_sequence,
+                    stored_at: frame.stored_at,
                     records,
                 }),
                 Err(e) => {
@@ -367,6 +370,7 @@ async fn follow(
                     Ok(Arrival {
                         stream,
                         sequence: frame.stream_sequence,
+                        stored_at: frame.stored_at,
                         records: Vec::new(),
                     })
                 }
