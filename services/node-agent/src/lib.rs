@@ -623,7 +623,8 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
         gpu_indices: allocation.gpu_indices.clone(),
     };
     let mut receipts = Vec::with_capacity(3);
-    receipts.extend(agent.publish(agent.caused_by(&cause, started)).await);
+    let started = agent.caused_by(&cause, started);
+    receipts.push((started.clone(), agent.publish(started).await));
 
     let (pid_tx, pid_rx) = oneshot::channel();
     let job = Job {
@@ -676,36 +677,60 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
                     usage,
                 };
                 // The result goes first, so a reader that sees the completion finds the output stored.
-                receipts.extend(agent.publish(agent.caused_by(&cause, result)).await);
-                receipts.extend(agent.publish(agent.caused_by(&cause, completed)).await);
+                for record in [
+                    agent.caused_by(&cause, result),
+                    agent.caused_by(&cause, completed),
+                ] {
+                    receipts.push((record.clone(), agent.publish(record).await));
+                }
                 agent.lock().report.tasks_completed += 1;
                 ::metrics::counter!(metrics::TASKS_COMPLETED).increment(1);
             }
             ExecOutcome::Failed(failure) => {
                 tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt, reason = %failure.reason, retryable = failure.retryable, "task failed");
                 agent.count_failure(&failure, false);
-                let failed = agent.task_failed(&allocation, &failure);
-                receipts.extend(agent.publish(agent.caused_by(&cause, failed)).await);
+                let failed = agent.caused_by(&cause, agent.task_failed(&allocation, &failure));
+                receipts.push((failed.clone(), agent.publish(failed).await));
             }
             ExecOutcome::Killed => {
                 // Not revoked, so the drain ran out of time.
                 let failure = TaskFailure::retryable(DRAINED_REASON);
                 tracing::warn!(%worker, task = %allocation.task_id, attempt = allocation.attempt, "task killed by the drain timeout");
                 agent.count_failure(&failure, true);
-                let failed = agent.task_failed(&allocation, &failure);
-                receipts.extend(agent.publish(agent.caused_by(&cause, failed)).await);
+                let failed = agent.caused_by(&cause, agent.task_failed(&allocation, &failure));
+                receipts.push((failed.clone(), agent.publish(failed).await));
             }
         }
     }
     // The slot frees before the acks come back: the events are in the publisher, and its flush (at the
     // latest on shutdown) reports any that failed.
     drop(permit);
-    for receipt in receipts {
-        if let Err(e) = receipt.await {
-            tracing::error!(%worker, task = %allocation.task_id, error = %e, "task event not stored");
+    // An outcome that is not stored would leave the task to its timeout and a second run: publish it
+    // again (same event, same id; readers apply it once) a few times before giving up.
+    for (record, receipt) in receipts {
+        let mut stored = match receipt {
+            Some(receipt) => receipt.await.map(|_| ()).map_err(|e| e.to_string()),
+            None => Err("not accepted by the publisher".to_owned()),
+        };
+        let mut backoff = Duration::from_millis(500);
+        for _ in 0..OUTCOME_RETRIES {
+            let Err(e) = &stored else { break };
+            tracing::warn!(%worker, task = %allocation.task_id, kind = record.event.kind(), error = %e, "task event not stored; publishing it again");
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+            stored = match agent.publisher.publish(&record).await {
+                Ok(receipt) => receipt.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        if let Err(e) = stored {
+            tracing::error!(%worker, task = %allocation.task_id, kind = record.event.kind(), error = %e, "task event not stored; giving up");
         }
     }
 }
+
+/// Publishing an attempt's outcome is tried this many more times (0.5 s, 1 s, 2 s, 4 s apart).
+const OUTCOME_RETRIES: usize = 4;
 
 /// Samples the GPU memory of the attempt's process tree until dropped, keeping the highest value in `peak`.
 /// Never returns. Simulated GPUs send no pid, so `peak` stays `None`.
