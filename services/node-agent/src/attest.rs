@@ -154,8 +154,12 @@ pub struct Attester {
     pub publisher: bus::Publisher,
     /// Between submissions.
     pub interval: Duration,
-    /// After a failed round (at most `interval`).
+    /// After a failed round or a rejection (at most `interval`).
     pub retry: Duration,
+    /// To follow this worker's verdicts: a rejection is answered with a new submission after `retry`
+    /// rather than at the next `interval` (a transient rejection, e.g. a nonce gone stale while the
+    /// attestor was down, must not keep the worker ineligible for long).
+    pub jetstream: Option<async_nats::jetstream::Context>,
 }
 
 impl Attester {
@@ -163,6 +167,10 @@ impl Attester {
     pub async fn run(self, stop: CancellationToken) -> u64 {
         let mut submitted = 0u64;
         let mut counter = 0u64;
+        let mut verdicts = match &self.jetstream {
+            Some(js) => self.follow_verdicts(js).await,
+            None => None,
+        };
         loop {
             counter += 1;
             let wait = match self.round(counter).await {
@@ -176,9 +184,43 @@ impl Attester {
                     self.retry.min(self.interval)
                 }
             };
-            tokio::select! {
-                () = stop.cancelled() => return submitted,
-                () = tokio::time::sleep(wait) => {}
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return submitted,
+                    () = &mut sleep => break,
+                    rejected = next_rejection(&mut verdicts, &self.worker) => {
+                        tracing::warn!(worker = %self.worker, reason = %rejected, "attestation rejected; submitting again soon");
+                        sleep.as_mut().reset(tokio::time::Instant::now() + self.retry.min(self.interval));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn follow_verdicts(&self, js: &async_nats::jetstream::Context) -> Option<bus::Follower> {
+        let subject = events::Subject::keyed(
+            events::Stream::Attestations,
+            self.worker.as_str().as_bytes(),
+            self.publisher.config().partitions,
+        );
+        let from = bus::last_sequence(js, events::Stream::Attestations)
+            .await
+            .ok()?
+            + 1;
+        match bus::Follower::open(
+            js,
+            events::Stream::Attestations,
+            vec![subject.to_string()],
+            from,
+        )
+        .await
+        {
+            Ok(follower) => Some(follower),
+            Err(e) => {
+                tracing::warn!(worker = %self.worker, error = %e, "cannot follow the verdicts; re-attesting on schedule only");
+                None
             }
         }
     }
@@ -194,6 +236,28 @@ impl Attester {
             .await
             .map_err(|e| e.to_string())?;
         receipt.await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// The reason of the next rejection of `worker` (waits forever without a follower, or once it ends).
+async fn next_rejection(verdicts: &mut Option<bus::Follower>, worker: &WorkerId) -> String {
+    let codec = events::CodecConfig::default();
+    loop {
+        let Some(follower) = verdicts.as_mut() else {
+            return std::future::pending().await;
+        };
+        match follower.next().await {
+            Some(Ok(frame)) => {
+                for record in frame.decode(&codec).unwrap_or_default() {
+                    if let events::Event::AttestationRejected(r) = record.event
+                        && r.worker_id == *worker
+                    {
+                        return r.reason;
+                    }
+                }
+            }
+            Some(Err(_)) | None => *verdicts = None,
+        }
     }
 }
 

@@ -78,6 +78,8 @@ pub struct AgentConfig {
     pub attestation: Option<attest::QuoteSource>,
     /// How often the worker attests again (before its verdict expires).
     pub reattest_interval: Duration,
+    /// How soon the worker attests again after a failed round or a rejection.
+    pub reattest_retry: Duration,
     /// How often the registration is published again (well inside the WORKERS stream's 7-day retention).
     pub reregister_interval: Duration,
 }
@@ -110,6 +112,7 @@ impl AgentConfig {
             memory_sample_interval: Duration::from_millis(500),
             attestation: None,
             reattest_interval: Duration::from_secs(20 * 60),
+            reattest_retry: Duration::from_secs(30),
             reregister_interval: Duration::from_secs(3_600),
         }
     }
@@ -234,7 +237,8 @@ pub async fn run(
                 producer: agent.producer.clone(),
                 publisher: agent.publisher.clone(),
                 interval: agent.config.reattest_interval,
-                retry: Duration::from_secs(30),
+                retry: agent.config.reattest_retry,
+                jetstream: Some(bus.jetstream.clone()),
             }
             .run(stop_heartbeats.clone()),
         ),

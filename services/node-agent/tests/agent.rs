@@ -603,3 +603,47 @@ async fn the_registration_is_renewed_until_the_drain() {
         "a registration after the drain would undo it: {order:?}"
     );
 }
+
+#[tokio::test]
+async fn a_rejection_is_answered_by_a_new_submission_soon() {
+    let pool = pool().await;
+    let dir = tests::TempDir::new("agent-quote");
+    let quote = dir.path().join("quote");
+    std::fs::write(&quote, b"not a real quote").unwrap();
+    let mut c = config("reattesting", 1);
+    c.attestation = Some(node_agent::attest::QuoteSource::File(quote));
+    c.reattest_interval = Duration::from_secs(3_600);
+    c.reattest_retry = Duration::from_millis(200);
+    let agent = start(&pool, c, 1, script_executor());
+    let submitted = |r: &[EventRecord]| {
+        kinds(r)
+            .iter()
+            .filter(|k| **k == "AttestationSubmitted")
+            .count()
+    };
+    until(
+        &pool.bus,
+        Stream::Attestations,
+        "the first submission",
+        |r| submitted(r) == 1,
+    )
+    .await;
+    // Stands in for the attestor's answer.
+    send(
+        &pool,
+        events::attestations::AttestationRejected {
+            worker_id: WorkerId::new("reattesting").unwrap(),
+            quote_hash: "x".into(),
+            reason: "stale submission".into(),
+        },
+    )
+    .await;
+    until(
+        &pool.bus,
+        Stream::Attestations,
+        "a second submission long before the hour",
+        |r| submitted(r) == 2,
+    )
+    .await;
+    agent.stop().await;
+}
