@@ -5,12 +5,23 @@ use serde::{Deserialize, Serialize};
 use crate::ids::WorkerId;
 use crate::time::Timestamp;
 
-/// The report data a worker's quote must carry: SHA-512 of its public key followed by the nonce. This binds
-/// the quote to the key the worker registered and to one submission (the nonce starts with the time it was
-/// made, so the attestor can refuse an old quote replayed).
-pub fn binding_report_data(public_key: &[u8], nonce: &[u8]) -> [u8; 64] {
+/// The report data a worker's quote must carry: SHA-512 over the worker id, the worker's public key and the
+/// nonce, each length-prefixed: `u8 len ‖ worker id ‖ u16 len (big-endian) ‖ key ‖ nonce`. This binds the
+/// quote to one worker, the key it registered and one submission (the nonce starts with the time it was
+/// made, so the attestor can refuse an old quote replayed), so a quote cannot be presented for another
+/// worker, even one that registered the same key.
+pub fn binding_report_data(worker_id: &str, public_key: &[u8], nonce: &[u8]) -> [u8; 64] {
     use sha2::{Digest, Sha512};
     let mut hasher = Sha512::new();
+    let id = worker_id.as_bytes();
+    // Worker ids are at most 64 bytes and keys far below 64 KiB (both validated where they enter).
+    hasher.update([u8::try_from(id.len()).unwrap_or(u8::MAX)]);
+    hasher.update(id);
+    hasher.update(
+        u16::try_from(public_key.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
     hasher.update(public_key);
     hasher.update(nonce);
     hasher.finalize().into()
@@ -82,14 +93,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_binding_depends_on_key_and_nonce() {
-        let a = binding_report_data(&[1; 32], &[2; 32]);
-        assert_eq!(a, binding_report_data(&[1; 32], &[2; 32]));
-        assert_ne!(a, binding_report_data(&[9; 32], &[2; 32]));
-        assert_ne!(a, binding_report_data(&[1; 32], &[9; 32]));
-        // SHA-512("") is the empty input's digest: a fixed vector guards the hash choice.
-        let empty = binding_report_data(&[], &[]);
-        assert_eq!(&empty[..4], &[0xcf, 0x83, 0xe1, 0x35]);
+    fn the_binding_depends_on_worker_key_and_nonce() {
+        let a = binding_report_data("w1", &[1; 32], &[2; 32]);
+        assert_eq!(a, binding_report_data("w1", &[1; 32], &[2; 32]));
+        assert_ne!(a, binding_report_data("w2", &[1; 32], &[2; 32]));
+        assert_ne!(a, binding_report_data("w1", &[9; 32], &[2; 32]));
+        assert_ne!(a, binding_report_data("w1", &[1; 32], &[9; 32]));
+        // The lengths keep the parts apart: ("ab", "c…") is not ("a", "bc…").
+        assert_ne!(
+            binding_report_data("ab", b"c", b""),
+            binding_report_data("a", b"bc", b"")
+        );
+        // A fixed vector guards the layout: SHA-512 of [0, 0, 0] (empty id, empty key, empty nonce).
+        use sha2::{Digest, Sha512};
+        assert_eq!(
+            binding_report_data("", &[], &[]),
+            <[u8; 64]>::from(Sha512::digest([0u8, 0, 0]))
+        );
     }
 
     #[test]

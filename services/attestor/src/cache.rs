@@ -197,6 +197,7 @@ mod tests {
             CacheKey::new(
                 &[1; 100],
                 &Binding::Sha512 {
+                    worker_id: "w".into(),
                     public_key: b"k".to_vec(),
                     nonce: nonce.to_vec(),
                 },

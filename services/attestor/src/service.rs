@@ -1,11 +1,15 @@
 //! The attestor at run time: a durable consumer of ATTESTATIONS; each `AttestationSubmitted` becomes an
 //! `AttestationVerified` or `AttestationRejected` (caused by it), published before the frame is acked.
 //!
-//! Before a quote is verified, the submission itself is checked:
+//! Before a quote is verified, the submission itself is checked; one that fails is refused without a
+//! verdict (logged and counted), since anyone can publish a submission naming any worker:
 //! - its nonce must be one made by `events::attestations::nonce_at` no longer than `max_nonce_age` ago (and
-//!   not in the future by more than a minute), so an old quote cannot be replayed;
-//! - its public key must be the key the worker registered (WORKERS is followed for registrations), so a
-//!   worker cannot present another worker's quote and key as its own.
+//!   not in the future by more than a minute), and newer than the last one accepted from that worker, so
+//!   an old quote cannot be replayed over a newer verdict;
+//! - its public key must be the key the worker registered (WORKERS is followed for registrations).
+//!
+//! The quote's report data binds the worker id, the key and the nonce, so a quote cannot be presented for
+//! another worker.
 //!
 //! Then the verdict comes from the cache (by quote hash and binding) or from the verifier on the blocking
 //! pool, at most `concurrency` at a time.
@@ -116,6 +120,9 @@ pub struct AttestorReport {
     pub verified: u64,
     pub rejected: u64,
     pub cache_hits: u64,
+    /// Submissions refused before verification (stale or replayed nonce, unregistered worker, another key):
+    /// no verdict is published for them.
+    pub refused: u64,
     /// Collateral fetched from the PCCS (one per platform and refresh), and fetches that failed.
     pub collateral_fetched: u64,
     pub collateral_fetch_failures: u64,
@@ -151,7 +158,9 @@ pub async fn run(
     let codec = CodecConfig::default();
     let mut report = AttestorReport::default();
     let fetcher = Fetcher::default();
+    let newest_nonce = Mutex::new(HashMap::new());
     let ctx = Ctx {
+        newest_nonce: &newest_nonce,
         verifier,
         config: &config,
         semaphore: &semaphore,
@@ -189,7 +198,15 @@ pub async fn run(
         let mut receipts = Vec::with_capacity(verdicts.len());
         for ((cause, submission), decided) in submissions.iter().zip(verdicts) {
             let (event, hit) = match decided {
-                Ok(decided) => decided,
+                Ok(Decision::Verdict(event, hit)) => (*event, hit),
+                // Not a verdict about the worker: anyone can publish a submission naming any worker, and a
+                // refusal published as a rejection would end that worker's eligibility.
+                Ok(Decision::Refused(why)) => {
+                    tracing::warn!(worker = %submission.worker_id, reason = %why, "submission refused");
+                    metrics::counter!("cocoon_attestor_submissions_refused_total").increment(1);
+                    report.refused += 1;
+                    continue;
+                }
                 // Shutting down: nothing acked, the batch comes again.
                 Err(PoolError::Closed) => return Ok(fetcher.report(report)),
                 Err(PoolError::Panicked(why)) => (
@@ -223,7 +240,17 @@ pub async fn run(
     Ok(fetcher.report(report))
 }
 
+/// What becomes of one submission.
+enum Decision {
+    /// Publish this verdict (the flag: it came from the cache).
+    Verdict(Box<Event>, bool),
+    /// Refused before verification (stale, replayed, unregistered worker, another key): no verdict.
+    Refused(String),
+}
+
 struct Ctx<'a> {
+    /// Newest nonce time accepted per worker (bounded by the number of workers).
+    newest_nonce: &'a Mutex<HashMap<WorkerId, Timestamp>>,
     verifier: Arc<Verifier>,
     config: &'a AttestorConfig,
     semaphore: &'a Semaphore,
@@ -233,13 +260,15 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// The verdict event for one submission, and whether it came from the cache.
-    async fn decide(&self, s: &AttestationSubmitted) -> Result<(Event, bool), PoolError> {
+    /// The verdict event for one submission (and whether it came from the cache), or why the submission is
+    /// refused without a verdict.
+    async fn decide(&self, s: &AttestationSubmitted) -> Result<Decision, PoolError> {
         let now = SystemTime::now();
         if let Err(why) = self.check_submission(s, now).await {
-            return Ok((rejection(s, why), false));
+            return Ok(Decision::Refused(why));
         }
         let binding = Binding::Sha512 {
+            worker_id: s.worker_id.to_string(),
             public_key: s.public_key.clone(),
             nonce: s.nonce.clone(),
         };
@@ -254,8 +283,8 @@ impl Ctx<'_> {
             }
             _ => (verdict, hit),
         };
-        Ok((
-            self.shift(verdict, now).into_event(s.worker_id.clone()),
+        Ok(Decision::Verdict(
+            Box::new(self.shift(verdict, now).into_event(s.worker_id.clone())),
             hit,
         ))
     }
@@ -418,6 +447,20 @@ impl Ctx<'_> {
         }
         if age_ms < -60_000 {
             return Err(format!("the nonce is {} s in the future", -age_ms / 1000));
+        }
+        {
+            // Each worker's nonces only move forward: a submission replayed (or reordered) within the
+            // nonce age cannot bring back an older quote over a newer verdict.
+            let mut newest = self.newest_nonce.lock().unwrap_or_else(|p| p.into_inner());
+            let last = newest
+                .entry(s.worker_id.clone())
+                .or_insert(Timestamp::from_micros(i64::MIN));
+            if made <= *last {
+                return Err(format!(
+                    "replayed or out-of-order submission: its nonce is from {made}, not after {last}"
+                ));
+            }
+            *last = made;
         }
         let deadline = tokio::time::Instant::now() + self.config.registration_wait;
         loop {

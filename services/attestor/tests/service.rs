@@ -155,57 +155,53 @@ async fn submissions_are_checked_verified_cached_and_answered_in_order() {
     let key = vec![1u8; 32];
     register(&publisher, "w-good", key.clone()).await;
     let now = Timestamp::now();
+    // Distinct nonce times, in order: a worker's nonces must move forward (millisecond precision).
+    let later = |ms: i64| Timestamp::from_micros(now.as_micros() + ms * 1_000);
+    let first = submission("w-good", good_quote(), key.clone(), now);
     // 1. The genuine sample: verified (by the development exception for its report data).
-    publish(
-        &publisher,
-        submission("w-good", good_quote(), key.clone(), now),
-    )
-    .await;
+    publish(&publisher, first.clone()).await;
     // 2. The same quote again, a fresh nonce: verified from the cache.
     publish(
         &publisher,
-        submission("w-good", good_quote(), key.clone(), Timestamp::now()),
+        submission("w-good", good_quote(), key.clone(), later(10)),
     )
     .await;
-    // 3. A stale nonce: refused before any verification.
+    // Refused without a verdict (a verdict would let anyone knock a worker out by naming it):
+    // 3. a stale nonce; 4. submission 1 replayed; 5. another key than the registered one; 6. a worker
+    //    that never registered.
     let old = Timestamp::from_micros(now.as_micros() - 3_600 * 1_000_000);
     publish(
         &publisher,
         submission("w-good", good_quote(), key.clone(), old),
     )
     .await;
-    // 4. Another key than the registered one.
+    publish(&publisher, first).await;
     publish(
         &publisher,
-        submission("w-good", good_quote(), vec![2; 32], now),
+        submission("w-good", good_quote(), vec![2; 32], later(20)),
     )
     .await;
-    // 5. A worker that never registered.
     publish(
         &publisher,
-        submission("w-ghost", good_quote(), key.clone(), now),
+        submission("w-ghost", good_quote(), key.clone(), later(30)),
     )
     .await;
-    // 6. A tampered quote (one MRTD byte flipped): its signature fails.
+    // 7. A tampered quote (one MRTD byte flipped): its signature fails.
     let mut tampered = good_quote();
     tampered[MRTD_OFFSET] ^= 1;
-    publish(&publisher, submission("w-good", tampered, key.clone(), now)).await;
+    publish(
+        &publisher,
+        submission("w-good", tampered, key.clone(), later(40)),
+    )
+    .await;
 
-    let got = wait_for_verdicts(&bus, 6).await;
-    assert_eq!(got.len(), 6, "{got:?}");
+    let got = wait_for_verdicts(&bus, 3).await;
+    assert_eq!(got.len(), 3, "{got:?}");
     assert!(got[0].1 && got[1].1, "{got:?}");
-    assert!(got[2].2.contains("stale submission"), "{}", got[2].2);
     assert!(
-        got[3].2.contains("not the key the worker registered"),
+        got[2].2.to_lowercase().contains("signature"),
         "{}",
-        got[3].2
-    );
-    assert_eq!(got[4].0, "w-ghost");
-    assert!(got[4].2.contains("has not registered"), "{}", got[4].2);
-    assert!(
-        got[5].2.to_lowercase().contains("signature"),
-        "{}",
-        got[5].2
+        got[2].2
     );
 
     // The verdict's validity is what the collateral had left at the injected time, capped by the policy's
@@ -228,9 +224,19 @@ async fn submissions_are_checked_verified_cached_and_answered_in_order() {
     cancel.cancel();
     let report = service.await.unwrap().unwrap();
     assert_eq!(
-        (report.verified, report.rejected, report.cache_hits),
-        (2, 4, 1),
+        (
+            report.verified,
+            report.rejected,
+            report.cache_hits,
+            report.refused
+        ),
+        (2, 1, 1, 4),
         "{report:?}"
+    );
+    assert_eq!(
+        verdicts(&bus).await.len(),
+        3,
+        "no verdict for a refused submission"
     );
 }
 

@@ -146,6 +146,7 @@ fn the_genuine_sample_does_not_bind_our_key() {
     );
 
     let binding = Binding::Sha512 {
+        worker_id: "w".into(),
         public_key: vec![7; 32],
         nonce: vec![9; 32],
     };
@@ -154,7 +155,10 @@ fn the_genuine_sample_does_not_bind_our_key() {
         panic!("{verdict:?}")
     };
     assert_eq!(*err.actual, good_report_data());
-    assert_eq!(*err.expected, attestor::report_data_for(&[7; 32], &[9; 32]));
+    assert_eq!(
+        *err.expected,
+        attestor::report_data_for("w", &[7; 32], &[9; 32])
+    );
     assert!(
         verdict
             .reason()

@@ -1,8 +1,7 @@
 //! Attestation: where the worker's TDX quote comes from, and its periodic submission.
 //!
-//! A quote binds the worker: its report data is `SHA-512(public_key || nonce)`
-//! ([`events::attestations::binding_report_data`]), with a fresh nonce per submission that starts with the
-//! time it was made. The agent submits on start and again every `reattest_interval`, so that a new verdict
+//! A quote binds the worker: its report data is SHA-512 over the worker id, its public key and a fresh
+//! nonce per submission that starts with the time it was made ([`events::attestations::binding_report_data`]). The agent submits on start and again every `reattest_interval`, so that a new verdict
 //! arrives before the previous one expires and the worker stays eligible.
 //!
 //! - On a TDX guest the quote comes from the Linux configfs-tsm interface
@@ -134,7 +133,7 @@ pub async fn submission(
 ) -> Result<AttestationSubmitted, AttestError> {
     let nonce = nonce_at(Timestamp::now(), nonce_tail(worker, counter));
     let quote = source
-        .quote(binding_report_data(public_key, &nonce))
+        .quote(binding_report_data(worker.as_str(), public_key, &nonce))
         .await?;
     Ok(AttestationSubmitted {
         worker_id: worker.clone(),
