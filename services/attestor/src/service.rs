@@ -343,7 +343,11 @@ impl Ctx<'_> {
         quote: &[u8],
         at: SystemTime,
     ) -> Result<(), ([u8; 6], PccsError)> {
-        let Some((fmspc, ca)) = platform_of(quote) else {
+        // Parsing an unverified certificate: off the async threads, and a panic there (a parser bug) only
+        // means "no platform", which the verifier then reports as malformed.
+        let bytes = quote.to_vec();
+        let Ok(Some((fmspc, ca))) = tokio::task::spawn_blocking(move || platform_of(&bytes)).await
+        else {
             return Ok(());
         };
         let at_secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -380,6 +384,9 @@ impl Ctx<'_> {
                     "collateral fetched"
                 );
                 self.verifier.add_collateral(collateral);
+                // Verdicts were reached against the old collateral (a revocation may have come with the
+                // new one): decide again.
+                self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 entry.fetched_at = Some(now);
                 entry.error = None;
                 self.fetcher.fetched.fetch_add(1, Ordering::Relaxed);
