@@ -74,26 +74,11 @@ async fn main() -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
-        stop_requested().await;
+        bus::stop_requested().await;
         tracing::info!("shutting down: giving the lease up");
         on_signal.cancel();
     });
     let report = allocator::run(bus, config, cancel).await?;
     tracing::info!(?report, "allocator stopped");
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM (what a supervisor sends).
-async fn stop_requested() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

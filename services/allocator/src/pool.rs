@@ -1036,6 +1036,18 @@ mod tests {
         tags: &'a [&'a str],
     }
 
+    /// A worker with one 80 GB GPU at price 1 that serves any model.
+    fn one_gpu(name: &str, max: u32) -> W<'_> {
+        W {
+            name,
+            gpus: 1,
+            mib: 80_000,
+            price: 1,
+            max,
+            tags: &[],
+        }
+    }
+
     fn worker(p: &mut Pool, w: W<'_>, when: Timestamp) {
         let name = w.name;
         register(p, w, when);
@@ -1260,18 +1272,7 @@ mod tests {
             t0,
         );
         // Registered but never attested: not a candidate under the default policy.
-        register(
-            &mut p,
-            W {
-                name: "unattested",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 4,
-                tags: &[],
-            },
-            t0,
-        );
+        register(&mut p, one_gpu("unattested", 4), t0);
         let llama = submit(&mut p, spec(2, 40_000, 10, 5, Some("llama")), t0);
         let mistral = submit(&mut p, spec(2, 40_000, 10, 5, Some("mistral")), t0);
         let small = submit(&mut p, spec(1, 20_000, 10, 5, None), t0);
@@ -1294,18 +1295,7 @@ mod tests {
             },
             ProducerId::new("a").unwrap(),
         );
-        register(
-            &mut dev,
-            W {
-                name: "unattested",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 4,
-                tags: &[],
-            },
-            t0,
-        );
+        register(&mut dev, one_gpu("unattested", 4), t0);
         let t = submit(&mut dev, spec(1, 1, 10, 5, None), t0);
         assert_eq!(
             allocated(&dev.allocate(at(1), 1)),
@@ -1317,18 +1307,7 @@ mod tests {
     fn reservations_bound_memory_and_concurrency_and_are_released_once() {
         let mut p = pool();
         let t0 = at(0);
-        worker(
-            &mut p,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 2,
-                tags: &[],
-            },
-            t0,
-        );
+        worker(&mut p, one_gpu("w", 2), t0);
         let a = submit(&mut p, spec(1, 50_000, 10, 5, None), t0);
         let b = submit(&mut p, spec(1, 50_000, 10, 5, None), t0);
         let c = submit(&mut p, spec(1, 10_000, 10, 5, None), t0);
@@ -1374,18 +1353,7 @@ mod tests {
             ProducerId::new("a").unwrap(),
         );
         let t0 = at(0);
-        worker(
-            &mut p,
-            W {
-                name: "a",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 4,
-                tags: &[],
-            },
-            t0,
-        );
+        worker(&mut p, one_gpu("a", 4), t0);
         heartbeat(&mut p, "a", &[(0, 0)], Some(100), t0);
         let task = submit(&mut p, spec(1, 1_000, 10, 5, None), t0);
         assert_eq!(
@@ -1401,18 +1369,7 @@ mod tests {
             },
             at(1),
         ));
-        worker(
-            &mut p,
-            W {
-                name: "b",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 4,
-                tags: &[],
-            },
-            at(8),
-        );
+        worker(&mut p, one_gpu("b", 4), at(8));
         // a is silent past the 10 s timeout; b heartbeats.
         heartbeat(&mut p, "b", &[(0, 0)], None, at(12));
         let out = p.tick(at(12), 1);
@@ -1451,18 +1408,7 @@ mod tests {
     #[test]
     fn an_attempt_past_its_timeout_is_taken_back_and_retryable_failures_are_requeued() {
         let mut p = pool();
-        worker(
-            &mut p,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 4,
-                tags: &[],
-            },
-            at(0),
-        );
+        worker(&mut p, one_gpu("w", 4), at(0));
         let mut s = spec(1, 1, 10, 5, None);
         s.timeout_ms = 2_000;
         let task = submit(&mut p, s, at(0));
@@ -1589,32 +1535,10 @@ mod tests {
     fn interleaved_streams_reserve_once_per_attempt() {
         // A standby reads TASKS ahead of ALLOCATIONS: the start arrives before the allocation.
         let mut p = pool();
-        worker(
-            &mut p,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 1,
-                tags: &[],
-            },
-            at(0),
-        );
+        worker(&mut p, one_gpu("w", 1), at(0));
         let task = submit(&mut p, spec(1, 60_000, 10, 5, None), at(0));
         let mut active = pool();
-        worker(
-            &mut active,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 1,
-                tags: &[],
-            },
-            at(0),
-        );
+        worker(&mut active, one_gpu("w", 1), at(0));
         active.apply(&rec(
             TaskSubmitted {
                 task_id: task,
@@ -1649,18 +1573,7 @@ mod tests {
     fn a_full_worker_serves_high_priority_first_and_aged_low_priority_before_newer_high() {
         // One slot, so the queue order is the order of service. Aging: 5 s per band.
         let mut p = pool();
-        worker(
-            &mut p,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 1,
-                tags: &[],
-            },
-            at(0),
-        );
+        worker(&mut p, one_gpu("w", 1), at(0));
         let low = submit(&mut p, spec(1, 1, 10, 2, None), at(0));
         let medium = submit(&mut p, spec(1, 1, 10, 5, None), at(0));
         let high = submit(&mut p, spec(1, 1, 10, 9, None), at(0));
@@ -1699,18 +1612,7 @@ mod tests {
     #[test]
     fn verdicts_decide_eligibility_missing_expired_rejected_and_renewed() {
         let mut p = pool();
-        register(
-            &mut p,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 8,
-                tags: &[],
-            },
-            at(0),
-        );
+        register(&mut p, one_gpu("w", 8), at(0));
         let place = |p: &mut Pool, now: i64| {
             heartbeat(p, "w", &[(0, 0)], None, at(now));
             let task = submit(p, spec(1, 1, 10, 5, None), at(now));
@@ -1749,18 +1651,7 @@ mod tests {
             },
             ProducerId::new("a").unwrap(),
         );
-        worker(
-            &mut p,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 1,
-                tags: &[],
-            },
-            at(0),
-        );
+        worker(&mut p, one_gpu("w", 1), at(0));
         // Three tags through a memory of two: "t0" is forgotten.
         for (i, tag) in ["t0", "t1", "t2"].into_iter().enumerate() {
             let t = submit(&mut p, spec(1, 1, 10, 5, Some(tag)), at(i as i64));
@@ -1779,18 +1670,7 @@ mod tests {
     #[test]
     fn invalid_and_revoked_tasks_do_not_wait_for_timeouts() {
         let mut p = pool();
-        worker(
-            &mut p,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 4,
-                tags: &[],
-            },
-            at(0),
-        );
+        worker(&mut p, one_gpu("w", 4), at(0));
         let zero = submit(&mut p, spec(0, 1, 10, 5, None), at(0));
         let out = p.allocate(at(0), 1);
         assert_eq!(kinds(&out), ["TaskRejected"]);
@@ -1826,18 +1706,7 @@ mod tests {
         let mut p = pool();
         let task = submit(&mut p, spec(1, 1, 10, 5, None), at(0));
         let mut active = pool();
-        worker(
-            &mut active,
-            W {
-                name: "old",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 4,
-                tags: &[],
-            },
-            at(0),
-        );
+        worker(&mut active, one_gpu("old", 4), at(0));
         active.apply(&rec(
             TaskSubmitted {
                 task_id: task,
@@ -1862,18 +1731,7 @@ mod tests {
     #[test]
     fn an_agent_restart_gives_back_what_the_old_run_held() {
         let mut p = pool();
-        worker(
-            &mut p,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 4,
-                tags: &[],
-            },
-            at(0),
-        );
+        worker(&mut p, one_gpu("w", 4), at(0));
         let task = submit(&mut p, spec(1, 1, 10, 5, None), at(0));
         p.allocate(at(0), 1);
         p.apply(&rec(
@@ -1939,18 +1797,7 @@ mod tests {
     #[test]
     fn liveness_follows_the_server_s_clock_not_the_agent_s() {
         let mut p = pool();
-        worker(
-            &mut p,
-            W {
-                name: "w",
-                gpus: 1,
-                mib: 80_000,
-                price: 1,
-                max: 4,
-                tags: &[],
-            },
-            at(0),
-        );
+        worker(&mut p, one_gpu("w", 4), at(0));
         // The agent's clock is an hour behind; the server stored its heartbeats just now.
         for t in [5, 10, 15] {
             let hb = rec(

@@ -136,26 +136,11 @@ async fn main() -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
-        stop_requested().await;
+        bus::stop_requested().await;
         tracing::info!("stopping: finishing the batch in flight");
         on_signal.cancel();
     });
     let report = attestor::run(bus, verifier, config, cancel).await?;
     tracing::info!(?report, "attestor stopped");
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn stop_requested() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -88,3 +88,18 @@ pub fn frame_headers(
 ) -> Result<events::FrameHeaders, events::DecodeError> {
     events::FrameHeaders::parse(|name| headers.and_then(|h| h.get(name)).map(|v| v.as_str()))
 }
+
+/// Resolves on Ctrl-C or SIGTERM (what a supervisor sends): every service binary stops on either.
+pub async fn stop_requested() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

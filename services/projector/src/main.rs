@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let signal = shutdown.clone();
     let grace = Duration::from_secs(args.grace_seconds);
     tokio::spawn(async move {
-        stop_requested().await;
+        bus::stop_requested().await;
         tracing::info!("stopping: finishing in-flight batches");
         signal.cancel();
         tokio::select! {
@@ -85,19 +85,4 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(130);
     });
     projector::run(config, shutdown, args.until_idle).await
-}
-
-/// Ctrl-C or SIGTERM (what a supervisor sends).
-async fn stop_requested() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
