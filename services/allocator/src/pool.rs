@@ -243,10 +243,6 @@ impl Pool {
         }
     }
 
-    pub fn config(&self) -> &PoolConfig {
-        &self.config
-    }
-
     /// The highest allocator epoch found on an allocation in the log.
     pub fn epoch_seen(&self) -> u64 {
         self.epoch_seen

@@ -107,6 +107,7 @@ pub async fn run(
         },
     )?;
     let store = lease::bucket(&bus.jetstream, config.replicas).await?;
+    let policy_store = store.clone();
     let mut lease = Lease::new(store, config.instance.clone(), config.lease_ttl);
 
     // Followers: one per input stream, all into one channel.
@@ -258,7 +259,7 @@ pub async fn run(
                 heartbeat_timeout_ms: u64::try_from(config.pool.heartbeat_timeout.as_millis())
                     .unwrap_or(u64::MAX),
             };
-            if let Err(e) = publish_policy(&bus, &policy).await {
+            if let Err(e) = publish_policy(&policy_store, &policy).await {
                 tracing::warn!(error = %e, "publishing the pool policy failed");
             } else {
                 policy_epoch = epoch;
@@ -314,8 +315,10 @@ pub async fn run(
     result.map(|()| report)
 }
 
-async fn publish_policy(bus: &Bus, policy: &PolicyValue) -> Result<(), lease::LeaseError> {
-    let store = lease::bucket(&bus.jetstream, 1).await?;
+async fn publish_policy(
+    store: &async_nats::jetstream::kv::Store,
+    policy: &PolicyValue,
+) -> Result<(), lease::LeaseError> {
     let bytes = serde_json::to_vec(policy).expect("policy serializes");
     store
         .put(lease::POLICY_KEY, bytes.into())

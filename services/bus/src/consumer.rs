@@ -275,6 +275,33 @@ impl FrameConsumer {
     }
 }
 
+fn ordered_err(stream: Stream, e: &dyn std::fmt::Display) -> ConsumeError {
+    ConsumeError::Consumer {
+        stream: stream.name(),
+        durable: "(ordered)".into(),
+        reason: e.to_string(),
+    }
+}
+
+/// An ephemeral ordered consumer of `subjects` (all when empty) of `handle`'s stream from sequence `from`.
+async fn ordered_consumer(
+    handle: &jetstream::stream::Stream,
+    stream: Stream,
+    subjects: Vec<String>,
+    from: u64,
+) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig>, ConsumeError> {
+    handle
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subjects: subjects,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from.max(1),
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ordered_err(stream, &e))
+}
+
 /// Reads a range of a stream in order through an ephemeral ordered consumer: no durable state, no acks.
 /// Used by operators (replay, rebuild) to read history without disturbing the services.
 pub struct RangeReader {
@@ -300,20 +327,11 @@ impl RangeReader {
         from: u64,
         to: Option<u64>,
     ) -> Result<Self, ConsumeError> {
-        let name = stream.name();
-        let consumer_err = |e: &dyn std::fmt::Display| ConsumeError::Consumer {
-            stream: name,
-            durable: "(ordered)".into(),
-            reason: e.to_string(),
-        };
-        let mut handle = js
-            .get_stream(name)
-            .await
-            .map_err(|_| ConsumeError::NoStream { stream: name })?;
+        let mut handle = stream_of(js, stream).await?;
         let last = handle
             .info()
             .await
-            .map_err(|e| consumer_err(&e))?
+            .map_err(|e| ordered_err(stream, &e))?
             .state
             .last_sequence;
         let end = to.map_or(last, |t| t.min(last));
@@ -323,23 +341,17 @@ impl RangeReader {
                 end,
             });
         }
-        let consumer = handle
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subjects: subjects,
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from.max(1),
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| consumer_err(&e))?;
+        let consumer = ordered_consumer(&handle, stream, subjects, from).await?;
         if consumer.cached_info().num_pending == 0 {
             return Ok(Self {
                 messages: None,
                 end,
             });
         }
-        let messages = consumer.messages().await.map_err(|e| consumer_err(&e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| ordered_err(stream, &e))?;
         Ok(Self {
             messages: Some(messages),
             end,
@@ -405,24 +417,12 @@ impl Follower {
         subjects: Vec<String>,
         from: u64,
     ) -> Result<Self, ConsumeError> {
-        let name = stream.name();
-        let consumer_err = |e: &dyn std::fmt::Display| ConsumeError::Consumer {
-            stream: name,
-            durable: "(ordered)".into(),
-            reason: e.to_string(),
-        };
         let handle = stream_of(js, stream).await?;
-        let consumer = handle
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subjects: subjects,
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from.max(1),
-                },
-                ..Default::default()
-            })
+        let consumer = ordered_consumer(&handle, stream, subjects, from).await?;
+        let messages = consumer
+            .messages()
             .await
-            .map_err(|e| consumer_err(&e))?;
-        let messages = consumer.messages().await.map_err(|e| consumer_err(&e))?;
+            .map_err(|e| ordered_err(stream, &e))?;
         Ok(Self { messages, stream })
     }
 
@@ -443,11 +443,7 @@ impl Follower {
 /// The last sequence stored in `stream` (0 when empty).
 pub async fn last_sequence(js: &jetstream::Context, stream: Stream) -> Result<u64, ConsumeError> {
     let mut handle = stream_of(js, stream).await?;
-    let info = handle.info().await.map_err(|e| ConsumeError::Consumer {
-        stream: stream.name(),
-        durable: "(info)".into(),
-        reason: e.to_string(),
-    })?;
+    let info = handle.info().await.map_err(|e| ordered_err(stream, &e))?;
     Ok(info.state.last_sequence)
 }
 
