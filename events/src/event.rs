@@ -180,6 +180,7 @@ registry! {
         SettlementConfirmed = 1,
         SettlementExpired = 1,
         SettlementFailed = 1,
+        PayoutParked = 1,
     ],
     Results => [
         TaskResult = 1,
@@ -225,6 +226,7 @@ impl Event {
             E::SettlementConfirmed(e) => settlement(&e.settlement_id),
             E::SettlementExpired(e) => settlement(&e.settlement_id),
             E::SettlementFailed(e) => settlement(&e.settlement_id),
+            E::PayoutParked(e) => worker(Stream::Payments, &e.worker_id),
             E::TaskResult(e) => Subject::results(&e.client_id),
         }
     }

@@ -82,3 +82,15 @@ pub struct SettlementFailed {
     pub settlement_id: SettlementId,
     pub reason: String,
 }
+
+/// A worker's pending accruals cannot be paid as things stand (for example its payout address is not a valid
+/// TON address): they are held back with the reason, and the rest of the batch goes on without them. They
+/// become payable again when the worker registers a payable address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayoutParked {
+    pub worker_id: WorkerId,
+    pub destination: String,
+    pub amount: Nanoton,
+    pub task_ids: Vec<TaskId>,
+    pub reason: String,
+}

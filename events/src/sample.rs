@@ -256,6 +256,14 @@ pub fn all_events() -> Vec<Event> {
             reason: "wallet not deployed".to_owned(),
         }
         .into(),
+        PayoutParked {
+            worker_id: worker(),
+            destination: "not-a-ton-address".to_owned(),
+            amount: Nanoton(18_517),
+            task_ids: vec![TASK],
+            reason: "invalid TON address: not-a-ton-address".to_owned(),
+        }
+        .into(),
         TaskResult {
             task_id: TASK,
             client_id: client(),

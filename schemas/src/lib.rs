@@ -77,6 +77,7 @@ pub static MIGRATIONS: &[Migration] = &[
         "counter_triggers_without_joins",
         "0010_counter_triggers_without_joins.sql"
     ),
+    migration!(11, "payment_status", "0011_payment_status.sql"),
 ];
 
 /// What a [`migrate`] call did.

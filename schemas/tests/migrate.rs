@@ -13,10 +13,12 @@ const EXPECTED_TABLES: &[&str] = &[
     "attestations",
     "dashboard_counters",
     "dead_letters",
+    "parked_payouts",
     "payment_accruals",
     "projection_checkpoints",
     "schema_migrations",
     "settlement_payouts",
+    "settlement_tasks",
     "settlements",
     "task_results",
     "task_status_counts",
@@ -29,6 +31,7 @@ const EXPECTED_VIEWS: &[&str] = &[
     "dashboard_stats",
     "task_status_totals",
     "worker_attestation_state",
+    "worker_payments",
 ];
 
 fn all_versions() -> Vec<u32> {
@@ -336,8 +339,10 @@ async fn migrations_follow_the_search_path() {
         [
             "dashboard_stats -> shadow",
             "settlement_payouts -> settlements",
+            "settlement_tasks -> settlements",
             "task_status_totals -> shadow",
             "worker_attestation_state -> shadow",
+            "worker_payments -> shadow",
         ]
     );
 }
@@ -538,4 +543,93 @@ async fn the_queue_query_uses_the_queue_index() {
     .join("\n");
     assert!(plan.contains("Index Scan using tasks_queue_idx"), "{plan}");
     assert!(!plan.contains("Sort"), "{plan}");
+}
+
+/// `worker_payments` puts each accrual in exactly one state, by precedence: paid, in flight, parked (unless a
+/// settlement prepared after the park carries it), pending. Amounts are powers of two, so every sum names the
+/// accruals in it.
+#[tokio::test]
+async fn worker_payments_classify_each_accrual_once() {
+    let db = TestDb::create().await;
+    let client = migrated(&db).await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION pg_temp.t(n int) RETURNS uuid LANGUAGE sql AS
+                 $$ SELECT lpad(to_hex(n), 32, '0')::uuid $$;
+             CREATE FUNCTION pg_temp.at(secs int) RETURNS timestamptz LANGUAGE sql AS
+                 $$ SELECT '2026-01-01T00:00:00Z'::timestamptz + secs * interval '1 second' $$;
+
+             -- t1 pending (never settled)        t2 paid              t3 pending (its transfer failed)
+             -- t4 in flight                      t5 pending (expired) t6 parked
+             -- t7 parked (expired settlement prepared before the park)
+             -- t8 pending (a settlement prepared after the park carried it, then expired)
+             -- t9 in flight (a settlement prepared after the park carries it)
+             -- t10 paid, though an open settlement also lists it (paid wins)
+             INSERT INTO payment_accruals (task_id, worker_id, attempt, amount_nanoton, gpu_millis,
+                                           price_per_gpu_second_nanoton, accrued_at, last_event_id)
+             SELECT pg_temp.t(n), 'w', 1, 1::bigint << (n - 1), 1, 1, pg_temp.at(0), gen_random_uuid()
+             FROM generate_series(1, 10) n;
+
+             INSERT INTO settlements (settlement_id, status, wallet_seqno, valid_until, message_hash,
+                                      tx_hash, total_nanoton, payout_count, prepared_at, confirmed_at,
+                                      last_event_id)
+             VALUES (pg_temp.t(101), 'confirmed', 1, pg_temp.at(60), 'm1', 'tx1', 1, 2, pg_temp.at(10), pg_temp.at(20), gen_random_uuid()),
+                    (pg_temp.t(102), 'confirmed', 2, pg_temp.at(60), 'm2', 'tx2', 1, 1, pg_temp.at(10), pg_temp.at(30), gen_random_uuid()),
+                    (pg_temp.t(103), 'submitted', 3, pg_temp.at(60), 'm3', NULL,  1, 1, pg_temp.at(10), NULL, gen_random_uuid()),
+                    (pg_temp.t(104), 'expired',   3, pg_temp.at(60), 'm4', NULL,  1, 1, pg_temp.at(-100), NULL, gen_random_uuid()),
+                    (pg_temp.t(105), 'expired',   4, pg_temp.at(60), 'm5', NULL,  1, 1, pg_temp.at(100), NULL, gen_random_uuid()),
+                    (pg_temp.t(106), 'prepared',  5, pg_temp.at(60), 'm6', NULL,  1, 1, pg_temp.at(100), NULL, gen_random_uuid());
+
+             INSERT INTO settlement_payouts (settlement_id, worker_id, destination_address, amount_nanoton, status)
+             VALUES (pg_temp.t(101), 'w', 'UQ-w', 1, 'paid'),
+                    (pg_temp.t(101), 'ghost', 'UQ-ghost', 1, 'paid'),
+                    (pg_temp.t(102), 'w', 'UQ-w', 1, 'failed'),
+                    (pg_temp.t(103), 'w', 'UQ-w', 1, 'pending'),
+                    (pg_temp.t(104), 'w', 'UQ-w', 1, 'pending'),
+                    (pg_temp.t(105), 'w', 'UQ-w', 1, 'pending'),
+                    (pg_temp.t(106), 'w', 'UQ-w', 1, 'pending');
+
+             INSERT INTO settlement_tasks (settlement_id, task_id, worker_id)
+             VALUES (pg_temp.t(101), pg_temp.t(2), 'w'), (pg_temp.t(101), pg_temp.t(10), 'w'),
+                    (pg_temp.t(102), pg_temp.t(3), 'w'),
+                    (pg_temp.t(103), pg_temp.t(4), 'w'), (pg_temp.t(103), pg_temp.t(10), 'w'),
+                    (pg_temp.t(104), pg_temp.t(5), 'w'), (pg_temp.t(104), pg_temp.t(7), 'w'),
+                    (pg_temp.t(105), pg_temp.t(8), 'w'),
+                    (pg_temp.t(106), pg_temp.t(9), 'w');
+
+             INSERT INTO parked_payouts (task_id, worker_id, destination, reason, parked_at, last_event_id)
+             SELECT pg_temp.t(n), 'w', 'bad', 'invalid address', pg_temp.at(0), gen_random_uuid()
+             FROM generate_series(6, 9) n;",
+        )
+        .await
+        .expect("payment rows");
+    let rows: Vec<(String, Vec<i64>, Option<f64>)> = client
+        .query(
+            "SELECT worker_id,
+                    ARRAY[accruals, accrued_nanoton, pending_nanoton, parked_nanoton, in_flight_nanoton,
+                          paid_nanoton, failed_transfers],
+                    extract(epoch FROM last_paid_at - '2026-01-01T00:00:00Z'::timestamptz)::float8
+             FROM worker_payments ORDER BY worker_id",
+            &[],
+        )
+        .await
+        .expect("worker_payments")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let pending = 1 + 4 + 16 + 128;
+    let parked = 32 + 64;
+    let in_flight = 8 + 256;
+    let paid = 2 + 512;
+    assert_eq!(
+        rows,
+        vec![
+            ("ghost".to_string(), vec![0, 0, 0, 0, 0, 0, 0], Some(20.0)),
+            (
+                "w".to_string(),
+                vec![10, 1023, pending, parked, in_flight, paid, 1],
+                Some(20.0)
+            ),
+        ]
+    );
 }

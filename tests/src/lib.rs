@@ -17,6 +17,9 @@
 //! # }
 //! ```
 
+pub mod ton_local;
+pub use ton_local::TonLocal;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;

@@ -1,7 +1,8 @@
 //! `client`: the producer/consumer library of the pool: submit tasks, read their state, follow result streams.
 //!
 //! - consumes: `results.<client>` on RESULTS ([`ResultStream`], an ephemeral ordered consumer: no acks, nothing
-//!   durable) and the Postgres read models ([`ReadModel`], read-only);
+//!   durable) and the Postgres read models ([`ReadModel`], read-only: tasks, workers, and payments through
+//!   [`ReadModel::payments`]);
 //! - produces: `TaskSubmitted` on TASKS (`tasks.<partition of the task id>`), through [`bus::Publisher`];
 //! - owns: nothing; the log and the read models belong to the services;
 //! - guarantees: nothing invalid is published ([`TaskRequest::validate`] checks every field first and says which
@@ -23,11 +24,16 @@
 //! # Ok(()) }
 //! ```
 
+pub mod payments;
 pub mod producer;
 pub mod read_model;
 pub mod request;
 pub mod results;
 
+pub use payments::{
+    PaymentSums, PaymentTotals, PaymentsQuery, PaymentsStatus, SettlementStatus, SettlementView,
+    WorkerPayments,
+};
 pub use producer::{Producer, ProducerConfig, SubmitError, Submitted};
 pub use read_model::{
     AttestationView, GpuView, ReadModel, ReadModelError, ResultView, SubmissionView, TaskFilter,

@@ -272,7 +272,7 @@ impl WorkerView {
 /// A read-only connection to the read models.
 #[derive(Debug)]
 pub struct ReadModel {
-    client: tokio_postgres::Client,
+    pub(crate) client: tokio_postgres::Client,
 }
 
 /// `timestamptz` as integer microseconds, which is what [`Timestamp`] holds (tokio-postgres is built without a
@@ -282,6 +282,7 @@ macro_rules! micros {
         concat!("(extract(epoch FROM ", $col, ") * 1000000)::bigint")
     };
 }
+pub(crate) use micros;
 
 const TASK_SELECT: &str = concat!(
     "SELECT t.task_id, t.status, t.attempt, t.client_id, t.priority, t.gpu_count, t.gpu_memory_mib, ",
@@ -541,7 +542,7 @@ impl TaskWatch<'_> {
     }
 }
 
-fn unsigned<T, U>(value: T, column: &'static str) -> Result<U, ReadModelError>
+pub(crate) fn unsigned<T, U>(value: T, column: &'static str) -> Result<U, ReadModelError>
 where
     T: Copy + std::fmt::Display,
     U: TryFrom<T>,
@@ -552,7 +553,7 @@ where
     })
 }
 
-fn worker_id(value: String, column: &'static str) -> Result<WorkerId, ReadModelError> {
+pub(crate) fn worker_id(value: String, column: &'static str) -> Result<WorkerId, ReadModelError> {
     WorkerId::new(value.as_str()).map_err(|_| ReadModelError::Unexpected { column, value })
 }
 

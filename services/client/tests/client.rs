@@ -575,3 +575,259 @@ async fn watch_task_yields_each_change_until_final() {
         "the watch ends after a final state"
     );
 }
+
+mod payments {
+    //! `ReadModel::payments` over what the projector made of a settler's events.
+
+    use super::*;
+    use client::{PaymentSums, PaymentsQuery, SettlementStatus};
+    use events::SettlementId;
+    use events::payments::{
+        FailedTransfer, PaymentAccrued, Payout, PayoutParked, SettlementConfirmed,
+        SettlementExpired, SettlementPrepared, SettlementSubmitted,
+    };
+
+    fn accrued(worker_id: &str, amount: u64) -> (TaskId, EventRecord) {
+        let task_id = TaskId::new();
+        let record = EventRecord::new(
+            producer_id(),
+            PaymentAccrued {
+                task_id,
+                worker_id: worker(worker_id),
+                attempt: 1,
+                gpu_millis: GpuMillis(amount),
+                price_per_gpu_second: Nanoton(1_000),
+                amount: Nanoton(amount),
+            },
+        );
+        (task_id, record)
+    }
+
+    fn prepared(
+        id: SettlementId,
+        seqno: u32,
+        payouts: Vec<(&str, Vec<(TaskId, u64)>)>,
+    ) -> EventRecord {
+        EventRecord::new(
+            producer_id(),
+            SettlementPrepared {
+                settlement_id: id,
+                wallet_seqno: seqno,
+                valid_until: Timestamp::from_micros(Timestamp::now().as_micros() + 600_000_000),
+                payouts: payouts
+                    .into_iter()
+                    .map(|(w, tasks)| Payout {
+                        worker_id: worker(w),
+                        destination: format!("UQ-{w}"),
+                        amount: Nanoton(tasks.iter().map(|t| t.1).sum()),
+                        task_ids: tasks.iter().map(|t| t.0).collect(),
+                    })
+                    .collect(),
+                signed_message: vec![0xb5, 0xee],
+                message_hash: format!("{:064x}", id.0.as_u128()),
+            },
+        )
+    }
+
+    fn submitted(id: SettlementId, send_attempt: u32) -> EventRecord {
+        EventRecord::new(
+            producer_id(),
+            SettlementSubmitted {
+                settlement_id: id,
+                message_hash: format!("{:064x}", id.0.as_u128()),
+                send_attempt,
+            },
+        )
+    }
+
+    /// Accruals of alice, bob and carol; carol's parked; settlement 1 pays alice and fails bob's transfer,
+    /// settlement 2 carries bob's accruals and expires, settlement 3 carries them again and is sent.
+    fn settler_life() -> (Vec<EventRecord>, [SettlementId; 3]) {
+        let (a1, a1r) = accrued("alice", 1_200_000_001);
+        let (a2, a2r) = accrued("alice", 800_000_000);
+        let (b1, b1r) = accrued("bob", 650_000_000);
+        let (b2, b2r) = accrued("bob", 350_000_007);
+        let (c1, c1r) = accrued("carol", 2_500_000_000);
+        let alice = vec![(a1, 1_200_000_001), (a2, 800_000_000)];
+        let bob = vec![(b1, 650_000_000), (b2, 350_000_007)];
+        let ids = [
+            SettlementId::new(),
+            SettlementId::new(),
+            SettlementId::new(),
+        ];
+        let mut records = vec![
+            a1r,
+            a2r,
+            b1r,
+            b2r,
+            c1r,
+            EventRecord::new(
+                producer_id(),
+                PayoutParked {
+                    worker_id: worker("carol"),
+                    destination: "not-a-ton-address".into(),
+                    amount: Nanoton(2_500_000_000),
+                    task_ids: vec![c1],
+                    reason: "invalid TON address".into(),
+                },
+            ),
+            prepared(ids[0], 1, vec![("alice", alice), ("bob", bob.clone())]),
+            submitted(ids[0], 1),
+            submitted(ids[0], 2),
+            EventRecord::new(
+                producer_id(),
+                SettlementConfirmed {
+                    settlement_id: ids[0],
+                    tx_hash: "cd".repeat(32),
+                    logical_time: 42,
+                    failed_transfers: vec![FailedTransfer {
+                        worker_id: worker("bob"),
+                        reason: "insufficient balance".into(),
+                    }],
+                },
+            ),
+            prepared(ids[1], 2, vec![("bob", bob.clone())]),
+            EventRecord::new(
+                producer_id(),
+                SettlementExpired {
+                    settlement_id: ids[1],
+                    valid_until: Timestamp::now(),
+                },
+            ),
+            prepared(ids[2], 2, vec![("bob", bob)]),
+            submitted(ids[2], 1),
+        ];
+        // A millisecond apart, so "newest first" is the order above.
+        let base = Timestamp::now().as_micros();
+        for (i, r) in records.iter_mut().enumerate() {
+            r.envelope.occurred_at = Timestamp::from_micros(base + 1_000 * i as i64);
+        }
+        (records, ids)
+    }
+
+    #[tokio::test]
+    async fn payments_status_sums_every_accrual_by_state() {
+        let (server, bus) = stack().await;
+        let db = TestDb::create().await;
+        let model = ReadModel::connect(db.url()).await.unwrap();
+        project(&server, &db).await; // migrates; nothing to project yet
+        let empty = model.payments(&PaymentsQuery::default()).await.unwrap();
+        assert!(empty.is_empty(), "{empty:?}");
+
+        let (records, ids) = settler_life();
+        publish_each(&bus, &records).await;
+        project(&server, &db).await;
+
+        let status = model.payments(&PaymentsQuery::default()).await.unwrap();
+        assert!(!status.is_empty());
+        let sums = |accruals, accrued, parked, in_flight, paid, failed_transfers| PaymentSums {
+            accruals,
+            accrued: Nanoton(accrued),
+            pending: Nanoton(0),
+            parked: Nanoton(parked),
+            in_flight: Nanoton(in_flight),
+            paid: Nanoton(paid),
+            failed_transfers,
+        };
+        let rows: Vec<(&str, PaymentSums, bool)> = status
+            .workers
+            .iter()
+            .map(|w| (w.worker_id.as_str(), w.sums, w.last_paid_at.is_some()))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "alice",
+                    sums(2, 2_000_000_001, 0, 0, 2_000_000_001, 0),
+                    true
+                ),
+                ("bob", sums(2, 1_000_000_007, 0, 1_000_000_007, 0, 1), false),
+                (
+                    "carol",
+                    sums(1, 2_500_000_000, 2_500_000_000, 0, 0, 0),
+                    false
+                ),
+            ]
+        );
+        assert_eq!(status.totals.workers, 3);
+        assert_eq!(
+            status.totals.sums,
+            sums(
+                5,
+                5_500_000_008,
+                2_500_000_000,
+                1_000_000_007,
+                2_000_000_001,
+                1
+            )
+        );
+        assert_eq!(
+            status.totals.settlements,
+            vec![
+                (SettlementStatus::Prepared, 0),
+                (SettlementStatus::Submitted, 1),
+                (SettlementStatus::Confirmed, 1),
+                (SettlementStatus::Expired, 1),
+                (SettlementStatus::Failed, 0),
+            ]
+        );
+        assert_eq!(status.open.len(), 1);
+        let open = &status.open[0];
+        assert_eq!(
+            (
+                open.settlement_id,
+                open.status,
+                open.wallet_seqno,
+                open.payouts,
+                open.total,
+                open.sends
+            ),
+            (
+                ids[2],
+                SettlementStatus::Submitted,
+                2,
+                1,
+                Nanoton(1_000_000_007),
+                1
+            )
+        );
+        assert!(open.submitted_at.is_some() && open.tx_hash.is_none());
+        let recent: Vec<(SettlementId, SettlementStatus, u32, u32)> = status
+            .recent
+            .iter()
+            .map(|s| (s.settlement_id, s.status, s.sends, s.failed_transfers))
+            .collect();
+        assert_eq!(
+            recent,
+            vec![
+                (ids[1], SettlementStatus::Expired, 0, 0),
+                (ids[0], SettlementStatus::Confirmed, 2, 1),
+            ]
+        );
+        assert_eq!(
+            status.recent[1].tx_hash.as_deref(),
+            Some("cd".repeat(32).as_str())
+        );
+        assert!(
+            status.recent[0]
+                .failure_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("passed unexecuted"))
+        );
+
+        // One worker's row, the totals still over everyone; fewer recent settlements.
+        let bob = model
+            .payments(&PaymentsQuery {
+                worker: Some(worker("bob")),
+                recent: 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(bob.workers.len(), 1);
+        assert_eq!(bob.workers[0].worker_id.as_str(), "bob");
+        assert_eq!(bob.totals, status.totals);
+        assert_eq!(bob.recent.len(), 1);
+        assert_eq!(bob.recent[0].settlement_id, ids[1]);
+    }
+}

@@ -74,6 +74,29 @@ pub enum Command {
         #[command(subcommand)]
         command: WorkersCommand,
     },
+    /// Accruals and settlements, from the read model.
+    Payments {
+        #[command(subcommand)]
+        command: PaymentsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PaymentsCommand {
+    /// Totals (accrued, pending, parked, in flight, paid), per-worker amounts, open settlements and the latest
+    /// closed ones.
+    Status(PaymentsStatusArgs),
+}
+
+/// `payments status`: which worker, how many recent settlements.
+#[derive(Debug, Clone, Args)]
+pub struct PaymentsStatusArgs {
+    /// Only this worker's row (totals still cover every worker).
+    #[arg(long = "worker", value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// How many closed (confirmed, expired, failed) settlements to show, newest first.
+    #[arg(long, default_value_t = 10)]
+    pub limit: u32,
 }
 
 #[derive(Debug, Subcommand)]

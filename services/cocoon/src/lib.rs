@@ -1,7 +1,7 @@
 //! `cocoon`: the operator command line of Cocoon GPU Pool.
 //!
 //! - consumes: any stream, read-only, through ephemeral ordered consumers (`events dump|tail|export`,
-//!   `results watch`), and the read models (`tasks get|list|watch`, `workers list`);
+//!   `results watch`), and the read models (`tasks get|list|watch`, `workers list`, `payments status`);
 //! - produces: sample events (`dev demo`), stream definitions (`provision`), frames of an export file,
 //!   republished as they were stored (`events import`), and `TaskSubmitted` (`tasks submit`, through `client`);
 //! - owns: nothing; it drives `infra/stack.sh` for the embedded stack and the `schemas` migrator, and `dev pool`
@@ -13,6 +13,7 @@ pub mod demo;
 pub mod dev;
 pub mod dump;
 pub mod export;
+pub mod payments;
 pub mod pool_demo;
 pub mod projections;
 pub mod results;
@@ -112,6 +113,9 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
         }
         Command::Workers { command } => {
             workers::run(&cli.conn, command, &mut std::io::stdout()).await
+        }
+        Command::Payments { command } => {
+            payments::run(&cli.conn, command, &mut std::io::stdout()).await
         }
         Command::Migrate => {
             let report = dev::migrate(&cli.conn.database_url).await?;

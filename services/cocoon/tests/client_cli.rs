@@ -1,5 +1,5 @@
-//! `cocoon tasks|results|workers` against a real nats-server and Postgres, run in-process from parsed command
-//! lines: submissions from flags and files, the read-model views, and following a client's results.
+//! `cocoon tasks|results|workers|payments` against a real nats-server and Postgres, run in-process from parsed
+//! command lines: submissions from flags and files, the read-model views, and following a client's results.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -52,6 +52,9 @@ async fn cocoon(env: &Env, args: &[&str]) -> (anyhow::Result<ExitCode>, String) 
             }
             Command::Workers { command } => {
                 cocoon::workers::run(&cli.conn, command, &mut out).await
+            }
+            Command::Payments { command } => {
+                cocoon::payments::run(&cli.conn, command, &mut out).await
             }
             other => panic!("not a client command: {other:?}"),
         }
@@ -489,4 +492,256 @@ async fn results_watch_prints_one_client_from_a_sequence_up_to_a_limit() {
         ])
         .is_err()
     );
+}
+
+mod payments {
+    //! `cocoon payments status` over what the projector made of a settler's events.
+
+    use super::*;
+    use events::payments::{
+        PaymentAccrued, Payout, PayoutParked, SettlementConfirmed, SettlementExpired,
+        SettlementPrepared, SettlementSubmitted,
+    };
+    use events::{SettlementId, Timestamp};
+
+    async fn project(env: &Env) {
+        let mut config = projector::ProjectorConfig::new(env.server.url(), env.db.url());
+        config.fetch_wait = Duration::from_millis(200);
+        projector::run(config, CancellationToken::new(), true)
+            .await
+            .unwrap();
+    }
+
+    fn accrued(worker: &str, amount: u64) -> (TaskId, EventRecord) {
+        let task_id = TaskId::new();
+        let record = EventRecord::new(
+            producer(),
+            PaymentAccrued {
+                task_id,
+                worker_id: WorkerId::new(worker).unwrap(),
+                attempt: 1,
+                gpu_millis: GpuMillis(amount),
+                price_per_gpu_second: Nanoton(1_000),
+                amount: Nanoton(amount),
+            },
+        );
+        (task_id, record)
+    }
+
+    fn prepared(id: SettlementId, seqno: u32, worker: &str, task: (TaskId, u64)) -> EventRecord {
+        EventRecord::new(
+            producer(),
+            SettlementPrepared {
+                settlement_id: id,
+                wallet_seqno: seqno,
+                valid_until: Timestamp::from_micros(Timestamp::now().as_micros() + 600_000_000),
+                payouts: vec![Payout {
+                    worker_id: WorkerId::new(worker).unwrap(),
+                    destination: format!("UQ-{worker}"),
+                    amount: Nanoton(task.1),
+                    task_ids: vec![task.0],
+                }],
+                signed_message: vec![0xb5, 0xee],
+                message_hash: format!("{:064x}", id.0.as_u128()),
+            },
+        )
+    }
+
+    fn submitted(id: SettlementId) -> EventRecord {
+        EventRecord::new(
+            producer(),
+            SettlementSubmitted {
+                settlement_id: id,
+                message_hash: format!("{:064x}", id.0.as_u128()),
+                send_attempt: 1,
+            },
+        )
+    }
+
+    /// The lines of the section that starts with `title`, up to the next blank line.
+    fn section<'a>(stdout: &'a str, title: &str) -> Vec<&'a str> {
+        stdout
+            .lines()
+            .skip_while(|l| !l.starts_with(title))
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn payments_status_prints_totals_workers_and_settlements() {
+        let env = env().await;
+        project(&env).await; // migrates; nothing to project yet
+        let (result, stdout) = cocoon(&env, &["payments", "status"]).await;
+        assert!(matches!(result, Ok(ExitCode::SUCCESS)), "{result:?}");
+        assert!(stdout.starts_with("no payments yet"), "{stdout}");
+
+        let (alice, alice_rec) = accrued("alice", 1_234_567_891);
+        let (bob, bob_rec) = accrued("bob", 42);
+        let (carol, carol_rec) = accrued("carol", 7);
+        let ids = [
+            SettlementId::new(),
+            SettlementId::new(),
+            SettlementId::new(),
+        ];
+        let mut records = vec![
+            alice_rec,
+            bob_rec,
+            carol_rec,
+            EventRecord::new(
+                producer(),
+                PayoutParked {
+                    worker_id: WorkerId::new("carol").unwrap(),
+                    destination: "nope".into(),
+                    amount: Nanoton(7),
+                    task_ids: vec![carol],
+                    reason: "invalid TON address: nope".into(),
+                },
+            ),
+            prepared(ids[0], 1, "alice", (alice, 1_234_567_891)),
+            submitted(ids[0]),
+            EventRecord::new(
+                producer(),
+                SettlementConfirmed {
+                    settlement_id: ids[0],
+                    tx_hash: "cd".repeat(32),
+                    logical_time: 42,
+                    failed_transfers: vec![],
+                },
+            ),
+            prepared(ids[1], 2, "bob", (bob, 42)),
+            EventRecord::new(
+                producer(),
+                SettlementExpired {
+                    settlement_id: ids[1],
+                    valid_until: Timestamp::now(),
+                },
+            ),
+            prepared(ids[2], 2, "bob", (bob, 42)),
+            submitted(ids[2]),
+        ];
+        // A millisecond apart, so "newest first" is the order above.
+        let base = Timestamp::now().as_micros();
+        for (i, r) in records.iter_mut().enumerate() {
+            r.envelope.occurred_at = Timestamp::from_micros(base + 1_000 * i as i64);
+        }
+        publish_each(&env.bus, &records).await;
+        project(&env).await;
+
+        let (result, stdout) = cocoon(&env, &["payments", "status"]).await;
+        assert!(matches!(result, Ok(ExitCode::SUCCESS)), "{result:?}");
+        assert!(
+            stdout.starts_with("TOTALS  3 workers, 3 accruals"),
+            "{stdout}"
+        );
+        let totals = section(&stdout, "TOTALS");
+        let total = |label: &str| {
+            totals
+                .iter()
+                .find(|l| l.trim_start().starts_with(label))
+                .unwrap_or_else(|| panic!("no {label} in {stdout}"))
+                .split_whitespace()
+                .rev()
+                .nth(1)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(total("accrued"), "1.234567940");
+        assert_eq!(total("pending"), "0.000000000");
+        assert_eq!(total("parked"), "0.000000007");
+        assert_eq!(total("in flight"), "0.000000042");
+        assert_eq!(total("paid"), "1.234567891");
+        assert!(
+            stdout.contains("0 prepared, 1 submitted, 1 confirmed, 1 expired, 0 failed"),
+            "{stdout}"
+        );
+
+        let workers = section(&stdout, "WORKER");
+        assert_eq!(workers.len(), 3, "{stdout}");
+        let cells = |row: &str| -> Vec<String> {
+            // Amount cells are "<TON> TON": keep the numbers, drop the unit.
+            row.split_whitespace()
+                .filter(|c| *c != "TON")
+                .map(str::to_string)
+                .collect()
+        };
+        let alice_row = cells(workers[0]);
+        assert_eq!(
+            alice_row[..8],
+            [
+                "alice",
+                "1",
+                "1.234567891",
+                "0.000000000",
+                "0.000000000",
+                "0.000000000",
+                "1.234567891",
+                "0"
+            ],
+            "{stdout}"
+        );
+        assert_ne!(alice_row[8], "-", "alice was paid: {stdout}");
+        assert_eq!(
+            cells(workers[1]),
+            [
+                "bob",
+                "1",
+                "0.000000042",
+                "0.000000000",
+                "0.000000000",
+                "0.000000042",
+                "0.000000000",
+                "0",
+                "-"
+            ],
+            "{stdout}"
+        );
+        assert!(workers[2].starts_with("carol"), "{stdout}");
+        assert_eq!(cells(workers[2])[4], "0.000000007", "parked: {stdout}");
+
+        let open = section(&stdout, "OPEN SETTLEMENTS");
+        assert_eq!(open.len(), 2, "header and one settlement: {stdout}");
+        assert!(
+            open[1].starts_with(&ids[2].to_string()) && open[1].contains("submitted"),
+            "{stdout}"
+        );
+        let recent = section(&stdout, "RECENT SETTLEMENTS (latest 10)");
+        assert_eq!(recent.len(), 3, "header and two settlements: {stdout}");
+        assert!(
+            recent[1].starts_with(&ids[1].to_string()) && recent[1].contains("passed unexecuted"),
+            "{stdout}"
+        );
+        assert!(
+            recent[2].starts_with(&ids[0].to_string())
+                && recent[2].contains(&format!("tx {}", "cd".repeat(32))),
+            "{stdout}"
+        );
+
+        // One worker, one recent settlement.
+        let (_, stdout) = cocoon(
+            &env,
+            &["payments", "status", "--worker", "carol", "--limit", "1"],
+        )
+        .await;
+        let workers = section(&stdout, "WORKER");
+        assert_eq!(workers.len(), 1, "{stdout}");
+        assert!(workers[0].starts_with("carol"), "{stdout}");
+        assert_eq!(
+            section(&stdout, "RECENT SETTLEMENTS (latest 1)").len(),
+            2,
+            "{stdout}"
+        );
+        let (_, stdout) = cocoon(&env, &["payments", "status", "--worker", "dave"]).await;
+        assert!(
+            stdout.contains("(no accruals or payouts for worker dave)"),
+            "{stdout}"
+        );
+        let (result, _) = cocoon(&env, &["payments", "status", "--worker", "no spaces"]).await;
+        assert!(
+            result
+                .unwrap_err()
+                .to_string()
+                .contains("invalid worker id"),
+        );
+    }
 }

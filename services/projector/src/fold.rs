@@ -103,6 +103,14 @@ fn max_opt<T: Ord + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
     }
 }
 
+fn min_opt<T: Ord + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
 impl TaskChange {
     /// The join: what both changes together say about the row.
     pub fn join(&mut self, other: TaskChange) {
@@ -316,12 +324,49 @@ pub struct SettlementRow {
     pub event_id: Uuid,
 }
 
+/// A new `settlement_tasks` row: an accrual that a prepared settlement carries (insert-once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettlementTaskRow {
+    pub settlement_id: Uuid,
+    pub task_id: Uuid,
+    /// The worker of the payout that lists the task.
+    pub worker_id: String,
+}
+
+/// A change to one `parked_payouts` row: an accrual held back. The latest park wins, by `(parked_at, event id)`,
+/// so a park read again (redelivery, replay) or out of order never replaces a newer one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedRow {
+    pub task_id: Uuid,
+    pub worker_id: String,
+    pub destination: String,
+    pub reason: String,
+    pub parked_at: i64,
+    pub event_id: Uuid,
+}
+
+impl ParkedRow {
+    /// The order in which parks win; the SQL compares the same tuple.
+    pub fn key(&self) -> (i64, Uuid) {
+        (self.parked_at, self.event_id)
+    }
+
+    /// The join: the later park of the two.
+    pub fn join(&mut self, other: ParkedRow) {
+        if other.key() > self.key() {
+            *self = other;
+        }
+    }
+}
+
 /// A later step of a settlement; only ever moves its status forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettlementStep {
     pub settlement_id: Uuid,
     pub status: &'static str,
     pub at: i64,
+    /// The send this step records (`SettlementSubmitted.send_attempt`); 0 for the other steps.
+    pub send_attempt: i32,
     pub tx_hash: Option<String>,
     pub tx_lt: Option<i64>,
     pub failure_reason: Option<String>,
@@ -354,7 +399,19 @@ pub struct Changes {
     pub accruals: BTreeMap<Uuid, AccrualRow>,
     pub settlements: BTreeMap<Uuid, SettlementRow>,
     pub payouts: BTreeMap<(Uuid, String), PayoutRow>,
+    pub settlement_tasks: BTreeMap<(Uuid, Uuid), SettlementTaskRow>,
+    pub parked: BTreeMap<Uuid, ParkedRow>,
     pub settlement_steps: Vec<SettlementStep>,
+}
+
+/// A batch's furthest step of one settlement, with what the other steps of the batch add to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReducedStep {
+    pub step: SettlementStep,
+    /// The first send's time, if the batch holds a send.
+    pub submitted_at: Option<i64>,
+    /// The highest send attempt in the batch (0: none).
+    pub sends: i32,
 }
 
 fn int<T: TryInto<i64> + Copy + std::fmt::Debug>(
@@ -395,6 +452,8 @@ impl Changes {
             && self.accruals.is_empty()
             && self.settlements.is_empty()
             && self.payouts.is_empty()
+            && self.settlement_tasks.is_empty()
+            && self.parked.is_empty()
             && self.settlement_steps.is_empty()
     }
 
@@ -759,6 +818,15 @@ impl Changes {
                             destination: p.destination.clone(),
                             amount_nanoton: amount,
                         });
+                    for task in &p.task_ids {
+                        self.settlement_tasks
+                            .entry((s.settlement_id.0, task.0))
+                            .or_insert(SettlementTaskRow {
+                                settlement_id: s.settlement_id.0,
+                                task_id: task.0,
+                                worker_id: p.worker_id.to_string(),
+                            });
+                    }
                 }
                 self.settlements
                     .entry(s.settlement_id.0)
@@ -777,6 +845,7 @@ impl Changes {
                 settlement_id: s.settlement_id.0,
                 status: "submitted",
                 at,
+                send_attempt: int32(kind, "send_attempt", s.send_attempt)?,
                 tx_hash: None,
                 tx_lt: None,
                 failure_reason: None,
@@ -787,6 +856,7 @@ impl Changes {
                 settlement_id: s.settlement_id.0,
                 status: "confirmed",
                 at,
+                send_attempt: 0,
                 tx_hash: Some(s.tx_hash.clone()),
                 tx_lt: Some(int(kind, "logical_time", s.logical_time)?),
                 failure_reason: None,
@@ -801,6 +871,7 @@ impl Changes {
                 settlement_id: s.settlement_id.0,
                 status: "expired",
                 at,
+                send_attempt: 0,
                 tx_hash: None,
                 tx_lt: None,
                 failure_reason: Some(format!(
@@ -814,12 +885,25 @@ impl Changes {
                 settlement_id: s.settlement_id.0,
                 status: "failed",
                 at,
+                send_attempt: 0,
                 tx_hash: None,
                 tx_lt: None,
                 failure_reason: Some(s.reason.clone()),
                 failed_workers: vec![],
                 event_id,
             }),
+            Event::PayoutParked(p) => {
+                for task in &p.task_ids {
+                    self.park(ParkedRow {
+                        task_id: task.0,
+                        worker_id: p.worker_id.to_string(),
+                        destination: p.destination.clone(),
+                        reason: p.reason.clone(),
+                        parked_at: at,
+                        event_id,
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -857,6 +941,15 @@ impl Changes {
             Some(existing) => existing.then(change),
             None => {
                 self.gpus.insert(key, change);
+            }
+        }
+    }
+
+    fn park(&mut self, row: ParkedRow) {
+        match self.parked.get_mut(&row.task_id) {
+            Some(existing) => existing.join(row),
+            None => {
+                self.parked.insert(row.task_id, row);
             }
         }
     }
@@ -904,23 +997,39 @@ impl Changes {
         for (key, row) in other.payouts {
             self.payouts.entry(key).or_insert(row);
         }
+        for (key, row) in other.settlement_tasks {
+            self.settlement_tasks.entry(key).or_insert(row);
+        }
+        for (_, row) in other.parked {
+            self.park(row);
+        }
         self.settlement_steps.extend(other.settlement_steps);
     }
 
-    /// One step per settlement: the furthest one (ties: the first in log order), with the submission time kept.
-    pub fn settlement_steps_reduced(&self) -> Vec<(SettlementStep, Option<i64>)> {
+    /// One step per settlement: the furthest one (ties: the first in log order), with the time of the first
+    /// send and the number of sends kept. The first send, not the last: the SQL keeps the earliest
+    /// `submitted_at` across transactions, so a batch must too, or the row would depend on where batches cut.
+    pub fn settlement_steps_reduced(&self) -> Vec<ReducedStep> {
         let rank = |s: &str| if s == "submitted" { 1 } else { 2 };
-        let mut best: BTreeMap<Uuid, (SettlementStep, Option<i64>)> = BTreeMap::new();
+        let mut best: BTreeMap<Uuid, ReducedStep> = BTreeMap::new();
         for step in &self.settlement_steps {
             let submitted_at = (step.status == "submitted").then_some(step.at);
             match best.get_mut(&step.settlement_id) {
                 None => {
-                    best.insert(step.settlement_id, (step.clone(), submitted_at));
+                    best.insert(
+                        step.settlement_id,
+                        ReducedStep {
+                            step: step.clone(),
+                            submitted_at,
+                            sends: step.send_attempt,
+                        },
+                    );
                 }
-                Some((current, sub)) => {
-                    *sub = max_opt(*sub, submitted_at);
-                    if rank(step.status) > rank(current.status) {
-                        *current = step.clone();
+                Some(current) => {
+                    current.submitted_at = min_opt(current.submitted_at, submitted_at);
+                    current.sends = current.sends.max(step.send_attempt);
+                    if rank(step.status) > rank(current.step.status) {
+                        current.step = step.clone();
                     }
                 }
             }
@@ -1023,6 +1132,126 @@ mod tests {
                 kind: "AttestationVerified"
             }
         );
+    }
+
+    fn payments_record(event: impl Into<Event>, at: i64) -> EventRecord {
+        let mut r = EventRecord::new(events::ProducerId::new("settler").unwrap(), event);
+        r.envelope.occurred_at = Timestamp::from_micros(at);
+        r
+    }
+
+    #[test]
+    fn a_prepared_settlement_records_the_accruals_each_payout_carries() {
+        use events::payments::{Payout, SettlementPrepared};
+        let (a, b, c) = (
+            events::TaskId::new(),
+            events::TaskId::new(),
+            events::TaskId::new(),
+        );
+        let payout = |worker: &str, tasks: Vec<events::TaskId>| Payout {
+            worker_id: events::WorkerId::new(worker).unwrap(),
+            destination: format!("UQ-{worker}"),
+            amount: events::Nanoton(10),
+            task_ids: tasks,
+        };
+        let prepared = payments_record(
+            SettlementPrepared {
+                settlement_id: events::SettlementId::new(),
+                wallet_seqno: 3,
+                valid_until: Timestamp::from_micros(2_000),
+                payouts: vec![payout("w1", vec![a, b]), payout("w2", vec![c])],
+                signed_message: vec![1],
+                message_hash: "h".into(),
+            },
+            1_000,
+        );
+        let changes = fold(&[
+            (Stream::Payments, 1, &prepared),
+            (Stream::Payments, 1, &prepared),
+        ]);
+        let rows: Vec<(Uuid, &str)> = changes
+            .settlement_tasks
+            .values()
+            .map(|r| (r.task_id, r.worker_id.as_str()))
+            .collect();
+        let mut expected = vec![(a.0, "w1"), (b.0, "w1"), (c.0, "w2")];
+        expected.sort();
+        let mut rows = rows;
+        rows.sort();
+        assert_eq!(rows, expected);
+    }
+
+    #[test]
+    fn the_latest_park_of_an_accrual_wins_in_any_order() {
+        use events::payments::PayoutParked;
+        let task = events::TaskId::new();
+        let park = |reason: &str, at: i64| {
+            payments_record(
+                PayoutParked {
+                    worker_id: events::WorkerId::new("w1").unwrap(),
+                    destination: "bad".into(),
+                    amount: events::Nanoton(5),
+                    task_ids: vec![task],
+                    reason: reason.into(),
+                },
+                at,
+            )
+        };
+        let (first, second) = (park("first", 1_000), park("second", 2_000));
+        let forward = fold(&[
+            (Stream::Payments, 1, &first),
+            (Stream::Payments, 2, &second),
+        ]);
+        let backward = fold(&[
+            (Stream::Payments, 2, &second),
+            (Stream::Payments, 1, &first),
+        ]);
+        let mut merged = fold(&[(Stream::Payments, 2, &second)]);
+        merged.merge(fold(&[
+            (Stream::Payments, 1, &first),
+            (Stream::Payments, 2, &second),
+        ]));
+        assert_eq!(forward.parked, backward.parked);
+        assert_eq!(merged.parked, forward.parked);
+        let row = &forward.parked[&task.0];
+        assert_eq!((row.reason.as_str(), row.parked_at), ("second", 2_000));
+    }
+
+    #[test]
+    fn a_batch_keeps_the_first_send_time_and_the_highest_send() {
+        use events::payments::{SettlementConfirmed, SettlementSubmitted};
+        let id = events::SettlementId::new();
+        let send = |attempt: u32, at: i64| {
+            payments_record(
+                SettlementSubmitted {
+                    settlement_id: id,
+                    message_hash: "h".into(),
+                    send_attempt: attempt,
+                },
+                at,
+            )
+        };
+        let confirmed = payments_record(
+            SettlementConfirmed {
+                settlement_id: id,
+                tx_hash: "t".into(),
+                logical_time: 1,
+                failed_transfers: vec![],
+            },
+            4_000,
+        );
+        let (s1, s2, s3) = (send(1, 1_000), send(2, 2_000), send(3, 3_000));
+        let c = fold(&[
+            (Stream::Payments, 1, &s1),
+            (Stream::Payments, 2, &s2),
+            (Stream::Payments, 3, &confirmed),
+            (Stream::Payments, 4, &s3),
+        ]);
+        let reduced = c.settlement_steps_reduced();
+        assert_eq!(reduced.len(), 1);
+        assert_eq!(reduced[0].step.status, "confirmed");
+        assert_eq!(reduced[0].submitted_at, Some(1_000));
+        assert_eq!(reduced[0].sends, 3);
     }
 
     proptest! {

@@ -367,7 +367,8 @@ pub enum RebuildError {
 fn dependent_views(projection: Projection) -> &'static [&'static str] {
     match projection {
         Projection::Workers => &["worker_attestation_state"],
-        Projection::Tasks | Projection::Payments => &[],
+        Projection::Payments => &["worker_payments"],
+        Projection::Tasks => &[],
     }
 }
 

@@ -11,7 +11,7 @@ pub enum Projection {
     Tasks,
     /// Workers, their GPUs and attestations.
     Workers,
-    /// Accruals, settlements and payouts.
+    /// Accruals, settlements, their payouts and tasks, and parked payouts.
     Payments,
 }
 
@@ -43,7 +43,13 @@ impl Projection {
         match self {
             Projection::Tasks => &["tasks", "allocations", "task_results"],
             Projection::Workers => &["workers", "worker_gpus", "attestations"],
-            Projection::Payments => &["payment_accruals", "settlements", "settlement_payouts"],
+            Projection::Payments => &[
+                "payment_accruals",
+                "settlements",
+                "settlement_payouts",
+                "settlement_tasks",
+                "parked_payouts",
+            ],
         }
     }
 }

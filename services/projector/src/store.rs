@@ -207,20 +207,46 @@ const INSERT_PAYOUTS: &str = "INSERT INTO settlement_payouts (settlement_id, wor
      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[]) AS u(id, worker_id, destination, amount)
      ON CONFLICT (settlement_id, worker_id) DO NOTHING";
 
-// Settlement events share the settlement's subject, so Prepared is applied before any later step.
+// Settlement events share the settlement's subject, so Prepared is applied before any later step. The first
+// send's time and the highest send attempt are kept whatever order sends are applied in.
 const ADVANCE_SETTLEMENTS: &str = concat!(
     "UPDATE settlements s SET
         status = CASE WHEN u.rank > s.status_rank THEN u.status ELSE s.status END,
-        submitted_at = coalesce(s.submitted_at, ", ts!("u.submitted_at"), "),
+        submitted_at = least(s.submitted_at, ", ts!("u.submitted_at"), "),
+        sends = greatest(s.sends, u.sends),
         confirmed_at = CASE WHEN u.status = 'confirmed' AND u.rank > s.status_rank THEN ", ts!("u.at"), " ELSE s.confirmed_at END,
         tx_hash = coalesce(s.tx_hash, u.tx_hash),
         tx_lt = coalesce(s.tx_lt, u.tx_lt),
         failure_reason = CASE WHEN u.rank > s.status_rank THEN coalesce(u.failure_reason, s.failure_reason) ELSE s.failure_reason END,
         last_event_id = CASE WHEN u.rank > s.status_rank THEN u.event_id ELSE s.last_event_id END,
         updated_at = now()
-     FROM unnest($1::uuid[], $2::text[], $3::int2[], $4::int8[], $5::int8[], $6::text[], $7::int8[], $8::text[], $9::uuid[])
-       AS u(id, status, rank, at, submitted_at, tx_hash, tx_lt, failure_reason, event_id)
-     WHERE s.settlement_id = u.id AND (u.rank > s.status_rank OR (s.submitted_at IS NULL AND u.submitted_at IS NOT NULL))"
+     FROM unnest($1::uuid[], $2::text[], $3::int2[], $4::int8[], $5::int8[], $6::text[], $7::int8[], $8::text[], $9::uuid[],
+                 $10::int4[])
+       AS u(id, status, rank, at, submitted_at, tx_hash, tx_lt, failure_reason, event_id, sends)
+     WHERE s.settlement_id = u.id
+       AND (u.rank > s.status_rank OR u.sends > s.sends
+            OR ", ts!("u.submitted_at"), " < s.submitted_at OR (s.submitted_at IS NULL AND u.submitted_at IS NOT NULL))"
+);
+
+// Which accruals a settlement carries; insert-once, like the payouts it comes with.
+const INSERT_SETTLEMENT_TASKS: &str =
+    "INSERT INTO settlement_tasks (settlement_id, task_id, worker_id)
+     SELECT id, task_id, worker_id FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS u(id, task_id, worker_id)
+     ON CONFLICT (settlement_id, task_id) DO NOTHING";
+
+// The latest park of an accrual wins, by (parked_at, event id), as in `ParkedRow::join`.
+const UPSERT_PARKED: &str = concat!(
+    "INSERT INTO parked_payouts AS p (task_id, worker_id, destination, reason, parked_at, last_event_id)
+     SELECT task_id, worker_id, destination, reason, ", ts!("parked_at"), ", event_id
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::uuid[])
+       AS u(task_id, worker_id, destination, reason, parked_at, event_id)
+     ON CONFLICT (task_id) DO UPDATE SET
+        worker_id = EXCLUDED.worker_id,
+        destination = EXCLUDED.destination,
+        reason = EXCLUDED.reason,
+        parked_at = EXCLUDED.parked_at,
+        last_event_id = EXCLUDED.last_event_id
+     WHERE (EXCLUDED.parked_at, EXCLUDED.last_event_id) > (p.parked_at, p.last_event_id)"
 );
 
 const FAIL_PAYOUTS: &str =
@@ -506,23 +532,46 @@ pub async fn write_changes(tx: &Transaction<'_>, c: &Changes) -> Result<(), toki
         tx.execute(INSERT_PAYOUTS, &[&id, &worker, &destination, &amount])
             .await?;
     }
+    if !c.settlement_tasks.is_empty() {
+        let rows: Vec<_> = c.settlement_tasks.values().collect();
+        let id: Vec<Uuid> = rows.iter().map(|r| r.settlement_id).collect();
+        let task: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
+        let worker: Vec<&str> = rows.iter().map(|r| r.worker_id.as_str()).collect();
+        tx.execute(INSERT_SETTLEMENT_TASKS, &[&id, &task, &worker])
+            .await?;
+    }
+    if !c.parked.is_empty() {
+        let rows: Vec<_> = c.parked.values().collect();
+        let task: Vec<Uuid> = rows.iter().map(|r| r.task_id).collect();
+        let worker: Vec<&str> = rows.iter().map(|r| r.worker_id.as_str()).collect();
+        let destination: Vec<&str> = rows.iter().map(|r| r.destination.as_str()).collect();
+        let reason: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
+        let at: Vec<i64> = rows.iter().map(|r| r.parked_at).collect();
+        let event: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+        tx.execute(
+            UPSERT_PARKED,
+            &[&task, &worker, &destination, &reason, &at, &event],
+        )
+        .await?;
+    }
     if !c.settlement_steps.is_empty() {
         let steps = c.settlement_steps_reduced();
-        let id: Vec<Uuid> = steps.iter().map(|(s, _)| s.settlement_id).collect();
-        let status: Vec<&str> = steps.iter().map(|(s, _)| s.status).collect();
+        let id: Vec<Uuid> = steps.iter().map(|r| r.step.settlement_id).collect();
+        let status: Vec<&str> = steps.iter().map(|r| r.step.status).collect();
         let rank: Vec<i16> = steps
             .iter()
-            .map(|(s, _)| if s.status == "submitted" { 1 } else { 2 })
+            .map(|r| if r.step.status == "submitted" { 1 } else { 2 })
             .collect();
-        let at: Vec<i64> = steps.iter().map(|(s, _)| s.at).collect();
-        let submitted_at: Vec<Option<i64>> = steps.iter().map(|(_, sub)| *sub).collect();
-        let tx_hash: Vec<Option<&str>> = steps.iter().map(|(s, _)| s.tx_hash.as_deref()).collect();
-        let tx_lt: Vec<Option<i64>> = steps.iter().map(|(s, _)| s.tx_lt).collect();
+        let at: Vec<i64> = steps.iter().map(|r| r.step.at).collect();
+        let submitted_at: Vec<Option<i64>> = steps.iter().map(|r| r.submitted_at).collect();
+        let tx_hash: Vec<Option<&str>> = steps.iter().map(|r| r.step.tx_hash.as_deref()).collect();
+        let tx_lt: Vec<Option<i64>> = steps.iter().map(|r| r.step.tx_lt).collect();
         let reason: Vec<Option<&str>> = steps
             .iter()
-            .map(|(s, _)| s.failure_reason.as_deref())
+            .map(|r| r.step.failure_reason.as_deref())
             .collect();
-        let event: Vec<Uuid> = steps.iter().map(|(s, _)| s.event_id).collect();
+        let event: Vec<Uuid> = steps.iter().map(|r| r.step.event_id).collect();
+        let sends: Vec<i32> = steps.iter().map(|r| r.sends).collect();
         tx.execute(
             ADVANCE_SETTLEMENTS,
             &[
@@ -535,13 +584,14 @@ pub async fn write_changes(tx: &Transaction<'_>, c: &Changes) -> Result<(), toki
                 &tx_lt,
                 &reason,
                 &event,
+                &sends,
             ],
         )
         .await?;
         let confirmed: Vec<_> = steps
             .iter()
-            .filter(|(s, _)| s.status == "confirmed")
-            .map(|(s, _)| s)
+            .filter(|r| r.step.status == "confirmed")
+            .map(|r| &r.step)
             .collect();
         if !confirmed.is_empty() {
             let failed: Vec<(Uuid, &str, &str)> = confirmed

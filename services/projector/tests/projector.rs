@@ -23,6 +23,8 @@ const ALL_TABLES: &[&str] = &[
     "payment_accruals",
     "settlements",
     "settlement_payouts",
+    "settlement_tasks",
+    "parked_payouts",
 ];
 
 struct Env {
@@ -147,6 +149,16 @@ async fn projects_every_stream_into_the_read_models() {
         3
     );
     let accrued = count("SELECT sum(amount_nanoton)::bigint FROM payment_accruals").await;
+    // The one settlement paid every accrual of the three workers.
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM worker_payments
+             WHERE paid_nanoton = accrued_nanoton AND accrued_nanoton > 0 AND failed_transfers = 0"
+        )
+        .await,
+        3
+    );
+    assert_eq!(count("SELECT count(*) FROM settlement_tasks").await, 26);
 
     // Row values of one scripted task: the fifth (index 4) failed once on w1, was requeued and completed.
     let fifth = records

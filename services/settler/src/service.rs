@@ -1,0 +1,734 @@
+//! The settler at run time.
+//!
+//! - **Books.** It folds PAYMENTS (its own log) into a [`Ledger`] and WORKERS into payees (address, price),
+//!   both read to their heads before it does anything, then follows TASKS from the beginning: each
+//!   TaskCompleted whose task has not accrued yields one PaymentAccrued (usage × the worker's price).
+//! - **One settlement at a time.** A batch is planned only while none is open. Its SettlementPrepared, with
+//!   the signed message, is published *before* the message is sent, fenced on the PAYMENTS stream's last
+//!   sequence: it is stored only if nothing was appended to PAYMENTS since this settler last read it, so two
+//!   settlers (or a stale one) can never put the same accruals into two batches.
+//! - **Driving an open settlement.** Find the wallet transaction whose inbound message has the settlement's
+//!   hash → SettlementConfirmed, with every transfer checked against the transaction's outgoing messages
+//!   (a transfer the wallet dropped, for lack of balance, is reported and not marked paid). Not found and
+//!   the message still acceptable (wallet seqno unchanged, before valid_until) → resend the identical bytes.
+//!   Not found and no longer acceptable (valid_until passed with the seqno unchanged, or the seqno moved on
+//!   and none of the wallet's transactions since the batch was prepared carries it) → SettlementExpired; its
+//!   accruals are pending again and go into a new batch.
+//! - A crash anywhere loses nothing: everything it knows is in the log and on chain, and a restart resumes
+//!   the open settlement by resending the recorded message.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bus::{Bus, Follower, Publisher, PublisherConfig};
+use events::ids::SettlementId;
+use events::money::Nanoton;
+use events::payments::{
+    FailedTransfer, PaymentAccrued, SettlementConfirmed, SettlementExpired, SettlementPrepared,
+    SettlementSubmitted,
+};
+use events::tasks::TaskCompleted;
+use events::{
+    CodecConfig, Envelope, Event, EventRecord, Partitions, ProducerId, Stream, Timestamp,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ledger::{BatchPolicy, Ledger, Payee, Settlement, SettlementStatus};
+use crate::toncenter::{SendOutcome, TonError, Toncenter, Transaction};
+use crate::wallet::{PoolWallet, same_account};
+
+/// Where a test may stop the settler as if it had been killed there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// SettlementPrepared is stored; the message was never sent.
+    AfterPrepared,
+    /// The message was sent; SettlementSubmitted was not recorded.
+    AfterSend,
+    /// The transaction is on chain; SettlementConfirmed was not recorded.
+    BeforeConfirmed,
+}
+
+impl FaultPoint {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "after-prepared" => Some(Self::AfterPrepared),
+            "after-send" => Some(Self::AfterSend),
+            "before-confirmed" => Some(Self::BeforeConfirmed),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SettlerConfig {
+    /// Names this instance as the producer of its events.
+    pub instance: String,
+    pub policy: BatchPolicy,
+    /// A message is valid for this long after it is built (its valid_until).
+    pub message_ttl: Duration,
+    /// Resend an unconfirmed, still acceptable message this often.
+    pub resend_interval: Duration,
+    /// After valid_until, wait this much longer before declaring a message expired (clock skew with the
+    /// chain).
+    pub expiry_grace: Duration,
+    /// How often batching and confirmation run.
+    pub tick: Duration,
+    /// At most this many wallet transactions are searched for a settlement's message per check.
+    pub search_limit: u32,
+    pub partitions: Partitions,
+    /// Testing only: stop there as if killed.
+    pub fault: Option<FaultPoint>,
+}
+
+impl Default for SettlerConfig {
+    fn default() -> Self {
+        Self {
+            instance: "settler-1".to_owned(),
+            policy: BatchPolicy::default(),
+            message_ttl: Duration::from_secs(60),
+            resend_interval: Duration::from_secs(5),
+            expiry_grace: Duration::from_secs(5),
+            tick: Duration::from_millis(250),
+            search_limit: 400,
+            partitions: Partitions::DEFAULT,
+            fault: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettlerError {
+    #[error("instance name {0:?} is not a valid producer id")]
+    Instance(String),
+    #[error("invalid batch policy: {0}")]
+    Policy(#[from] crate::ledger::PolicyError),
+    #[error(transparent)]
+    Consume(#[from] bus::ConsumeError),
+    #[error("publishing to PAYMENTS failed; restart to rebuild from the log: {0}")]
+    Publish(String),
+    #[error("a follower of {0} stopped")]
+    FollowerStopped(&'static str),
+    #[error("stopped at the injected fault point {0:?} (testing)")]
+    Fault(FaultPoint),
+}
+
+impl From<bus::PublishError> for SettlerError {
+    fn from(e: bus::PublishError) -> Self {
+        SettlerError::Publish(e.to_string())
+    }
+}
+
+/// What a run did, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunReport {
+    pub accruals: u64,
+    pub settlements_prepared: u64,
+    pub settlements_confirmed: u64,
+    pub settlements_expired: u64,
+    pub payouts_paid: u64,
+    pub transfers_failed: u64,
+    pub sends: u64,
+}
+
+struct Arrival {
+    stream: Stream,
+    sequence: u64,
+    records: Vec<EventRecord>,
+}
+
+/// A search of the wallet's transactions for a message.
+enum Search {
+    Found(Transaction),
+    /// Not among the transactions back to the batch's preparation.
+    Absent,
+    /// Not among the ones searched, which did not reach back that far.
+    Inconclusive,
+}
+
+struct Settler {
+    js: jetstream::Context,
+    ton: Toncenter,
+    wallet: PoolWallet,
+    config: SettlerConfig,
+    producer: ProducerId,
+    publisher: Publisher,
+    codec: CodecConfig,
+    ledger: Ledger,
+    /// The last PAYMENTS sequence folded into the ledger.
+    payments_seq: u64,
+    /// Completions whose worker is not known yet (its registration not read): retried as WORKERS arrives.
+    unpriced: Vec<(Envelope, TaskCompleted)>,
+    /// When each open settlement was last sent by this process.
+    last_send: HashMap<SettlementId, Instant>,
+    report: RunReport,
+}
+
+/// Runs the settler until `cancel` fires or a fatal error.
+pub async fn run(
+    bus: Bus,
+    ton: Toncenter,
+    wallet: PoolWallet,
+    config: SettlerConfig,
+    cancel: CancellationToken,
+) -> Result<RunReport, SettlerError> {
+    config.policy.validate()?;
+    let producer = ProducerId::new(config.instance.clone())
+        .map_err(|_| SettlerError::Instance(config.instance.clone()))?;
+    let publisher = Publisher::new(
+        bus.jetstream.clone(),
+        PublisherConfig {
+            linger: Duration::from_millis(2),
+            partitions: config.partitions,
+            ..PublisherConfig::default()
+        },
+    )?;
+    let js = bus.jetstream.clone();
+    let (tx, mut rx) = mpsc::channel::<Result<Arrival, SettlerError>>(256);
+    let helpers = CancellationToken::new();
+    let _stop_helpers = helpers.clone().drop_guard();
+
+    // The books first: WORKERS and PAYMENTS up to their heads as they are now.
+    let mut heads = HashMap::new();
+    for stream in [Stream::Workers, Stream::Payments] {
+        heads.insert(stream, bus::last_sequence(&js, stream).await?);
+        let follower = Follower::open(&js, stream, Vec::new(), 1).await?;
+        tokio::spawn(follow(stream, follower, tx.clone(), helpers.clone()));
+    }
+    let mut settler = Settler {
+        js: js.clone(),
+        ton,
+        wallet,
+        config,
+        producer,
+        publisher,
+        codec: CodecConfig::default(),
+        ledger: Ledger::new(),
+        payments_seq: 0,
+        unpriced: Vec::new(),
+        last_send: HashMap::new(),
+        report: RunReport::default(),
+    };
+    let mut seen: HashMap<Stream, u64> = HashMap::new();
+    while heads
+        .iter()
+        .any(|(s, head)| seen.get(s).copied().unwrap_or(0) < *head)
+    {
+        let arrival = tokio::select! {
+            _ = cancel.cancelled() => return Ok(settler.report),
+            a = rx.recv() => a.ok_or(SettlerError::FollowerStopped("WORKERS/PAYMENTS"))??,
+        };
+        seen.insert(arrival.stream, arrival.sequence);
+        settler.fold(arrival).await?;
+    }
+    tracing::info!(
+        wallet = %settler.wallet.address(),
+        accruals = settler.ledger.totals().accruals,
+        open = settler.ledger.open_settlements().count(),
+        "books read; following TASKS"
+    );
+    let follower = Follower::open(&js, Stream::Tasks, Vec::new(), 1).await?;
+    tokio::spawn(follow(Stream::Tasks, follower, tx.clone(), helpers.clone()));
+    drop(tx);
+
+    let mut tick = tokio::time::interval(settler.config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                settler.publisher.flush().await?;
+                return Ok(settler.report);
+            }
+            arrival = rx.recv() => {
+                let arrival = arrival.ok_or(SettlerError::FollowerStopped("TASKS"))??;
+                settler.fold(arrival).await?;
+            }
+            _ = tick.tick() => {
+                settler.publisher.flush().await?;
+                settler.step().await?;
+            }
+        }
+    }
+}
+
+impl Settler {
+    async fn fold(&mut self, arrival: Arrival) -> Result<(), SettlerError> {
+        match arrival.stream {
+            Stream::Payments => {
+                for record in &arrival.records {
+                    self.ledger
+                        .apply(&record.event, record.envelope.occurred_at);
+                }
+                self.payments_seq = self.payments_seq.max(arrival.sequence);
+            }
+            Stream::Workers => {
+                for record in &arrival.records {
+                    if let Event::WorkerRegistered(r) = &record.event {
+                        self.ledger.register(
+                            r.worker_id.clone(),
+                            Payee {
+                                payout_address: r.payout_address.clone(),
+                                price_per_gpu_second: r.price_per_gpu_second,
+                            },
+                        );
+                    }
+                }
+                if !self.unpriced.is_empty() {
+                    for (envelope, completed) in std::mem::take(&mut self.unpriced) {
+                        self.accrue(&envelope, &completed).await?;
+                    }
+                }
+            }
+            Stream::Tasks => {
+                for record in &arrival.records {
+                    if let Event::TaskCompleted(c) = &record.event {
+                        self.accrue(&record.envelope, c).await?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// One PaymentAccrued per task, the first completion wins; applied to the books at once so a
+    /// redelivered or duplicated completion finds it.
+    async fn accrue(
+        &mut self,
+        envelope: &Envelope,
+        completed: &TaskCompleted,
+    ) -> Result<(), SettlerError> {
+        if self.ledger.is_accrued(&completed.task_id) {
+            metrics::counter!("settler_duplicate_completions_total").increment(1);
+            return Ok(());
+        }
+        let Some(payee) = self.ledger.payee(&completed.worker_id) else {
+            tracing::warn!(task = %completed.task_id, worker = %completed.worker_id,
+                "completion by a worker whose registration is unknown; it accrues once the registration is read");
+            self.unpriced.push((envelope.clone(), completed.clone()));
+            return Ok(());
+        };
+        let price = payee.price_per_gpu_second;
+        let Some(amount) = completed.usage.gpu_millis.cost(price) else {
+            tracing::error!(task = %completed.task_id, gpu_millis = completed.usage.gpu_millis.0, price = price.0,
+                "usage × price overflows a nanoton amount; not accrued");
+            metrics::counter!("settler_unaccruable_total").increment(1);
+            return Ok(());
+        };
+        let accrued = PaymentAccrued {
+            task_id: completed.task_id,
+            worker_id: completed.worker_id.clone(),
+            attempt: completed.attempt,
+            gpu_millis: completed.usage.gpu_millis,
+            price_per_gpu_second: price,
+            amount,
+        };
+        let record = EventRecord::caused_by(envelope, self.producer.clone(), accrued);
+        // A failed frame is reported by the next flush (every tick), which ends the run.
+        let _receipt = self.publisher.publish(&record).await?;
+        self.ledger
+            .apply(&record.event, record.envelope.occurred_at);
+        self.report.accruals += 1;
+        metrics::counter!("settler_accruals_total").increment(1);
+        metrics::counter!("settler_accrued_nanoton_total").increment(amount.0);
+        Ok(())
+    }
+
+    /// One round: drive the open settlement, or plan the next.
+    async fn step(&mut self) -> Result<(), SettlerError> {
+        let totals = self.ledger.totals();
+        metrics::gauge!("settler_pending_nanoton").set(totals.pending as f64);
+        metrics::gauge!("settler_in_flight_nanoton").set(totals.in_flight as f64);
+        metrics::gauge!("settler_parked_nanoton").set(totals.parked as f64);
+        let open = self.ledger.open_settlements().next().cloned();
+        if let Some(open) = open {
+            return self.drive(&open).await;
+        }
+        let plan = self.ledger.plan(Timestamp::now(), &self.config.policy);
+        for parked in plan.park {
+            tracing::warn!(worker = %parked.worker_id, amount = %parked.amount, reason = %parked.reason, "payout parked");
+            metrics::counter!("settler_parked_total").increment(1);
+            let record = EventRecord::new(self.producer.clone(), parked);
+            let _receipt = self.publisher.publish(&record).await?;
+            self.ledger
+                .apply(&record.event, record.envelope.occurred_at);
+        }
+        self.publisher.flush().await?;
+        if let Some(batch) = plan.batch {
+            self.prepare(batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn prepare(&mut self, batch: crate::ledger::Batch) -> Result<(), SettlerError> {
+        let address = self.wallet.address();
+        let (seqno, deploy) = match self.chain_seqno(&address).await {
+            Ok(Some(seqno)) => (seqno, false),
+            Ok(None) => match self.ton.account(&address).await {
+                Ok(info) if info.state == "uninitialized" && info.balance > 0 => (0, true),
+                Ok(info) => {
+                    tracing::error!(wallet = %address, state = %info.state, balance = info.balance,
+                        "the pool wallet is not active and cannot deploy itself; fund it");
+                    metrics::counter!("settler_wallet_unavailable_total").increment(1);
+                    return Ok(());
+                }
+                Err(e) => return self.transient("reading the pool wallet", e),
+            },
+            Err(e) => return self.transient("reading the wallet's seqno", e),
+        };
+        let now = Timestamp::now();
+        let valid_until_s = u32::try_from(
+            (now.as_millis() / 1000).saturating_add(self.config.message_ttl.as_secs() as i64),
+        )
+        .unwrap_or(u32::MAX);
+        let transfers: Vec<(&str, u64)> = batch
+            .payouts
+            .iter()
+            .map(|p| (p.destination.as_str(), p.amount.0))
+            .collect();
+        let payout_count = transfers.len();
+        let started = Instant::now();
+        let signed = match self
+            .wallet
+            .sign_transfers(seqno, valid_until_s, &transfers, deploy)
+        {
+            Ok(signed) => signed,
+            Err(e) => {
+                // Addresses are checked before batching, so this is a bug: say so loudly, keep the accruals.
+                tracing::error!(error = %e, "cannot build the settlement message");
+                metrics::counter!("settler_build_errors_total").increment(1);
+                return Ok(());
+            }
+        };
+        metrics::histogram!("settler_sign_seconds").record(started.elapsed().as_secs_f64());
+        drop(transfers);
+        let message_hash = signed.hash_hex();
+        let prepared = SettlementPrepared {
+            settlement_id: SettlementId::new(),
+            wallet_seqno: seqno,
+            valid_until: Timestamp::from_micros(i64::from(valid_until_s) * 1_000_000),
+            payouts: batch.payouts,
+            signed_message: signed.boc,
+            message_hash,
+        };
+        let id = prepared.settlement_id;
+        let record = EventRecord::new(self.producer.clone(), prepared);
+        match self.publish_one(&record, Some(self.payments_seq)).await? {
+            Fenced::Stored => {}
+            Fenced::Behind => {
+                tracing::debug!(
+                    "PAYMENTS moved since it was last read; planning again once it is read"
+                );
+                return Ok(());
+            }
+        }
+        self.ledger
+            .apply(&record.event, record.envelope.occurred_at);
+        self.report.settlements_prepared += 1;
+        metrics::counter!("settler_settlements_total", "outcome" => "prepared").increment(1);
+        tracing::info!(settlement = %id, seqno, payouts = payout_count, total = %batch.total,
+            reason = batch.reason.as_str(), "settlement prepared");
+        self.fault(FaultPoint::AfterPrepared)?;
+        let settlement = self.ledger.settlement(&id).cloned();
+        if let Some(settlement) = settlement {
+            self.send(&settlement).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends (or resends) the recorded message, then records the send.
+    async fn send(&mut self, s: &Settlement) -> Result<(), SettlerError> {
+        let id = s.prepared.settlement_id;
+        self.last_send.insert(id, Instant::now());
+        match self.ton.send_boc(&s.prepared.signed_message).await {
+            Ok(SendOutcome::Accepted { .. }) => {}
+            Ok(SendOutcome::Refused { reason }) => {
+                // Usually: already executed (the seqno moved on) or expired. The next check tells which.
+                tracing::info!(settlement = %id, %reason, "the message was not accepted");
+                return Ok(());
+            }
+            Err(e) => return self.transient("sending the settlement", e),
+        }
+        self.report.sends += 1;
+        self.fault(FaultPoint::AfterSend)?;
+        let sends = match s.status {
+            SettlementStatus::Open { sends } => sends + 1,
+            _ => return Ok(()),
+        };
+        let record = EventRecord::new(
+            self.producer.clone(),
+            SettlementSubmitted {
+                settlement_id: id,
+                message_hash: s.prepared.message_hash.clone(),
+                send_attempt: sends,
+            },
+        );
+        self.publish_one(&record, None).await?;
+        self.ledger
+            .apply(&record.event, record.envelope.occurred_at);
+        Ok(())
+    }
+
+    async fn drive(&mut self, s: &Settlement) -> Result<(), SettlerError> {
+        let id = s.prepared.settlement_id;
+        // The seqno is read before the search, so that "not found" means "not executed when the seqno was
+        // read": a message executing between the two reads is then found, never mistaken for expired.
+        let now_ms = Timestamp::now().as_millis();
+        let seqno = match self.chain_seqno(&self.wallet.address()).await {
+            Ok(seqno) => seqno.unwrap_or(0),
+            Err(e) => return self.transient("reading the wallet's seqno", e),
+        };
+        let search = match self.search(s).await {
+            Ok(search) => search,
+            Err(e) => return self.transient("searching the wallet's transactions", e),
+        };
+        if let Search::Found(tx) = search {
+            self.fault(FaultPoint::BeforeConfirmed)?;
+            return self.confirm(s, &tx).await;
+        }
+        let valid_until_ms = s.prepared.valid_until.as_millis();
+        let past_grace = now_ms > valid_until_ms + self.config.expiry_grace.as_millis() as i64;
+        let expired = match (seqno.cmp(&s.prepared.wallet_seqno), &search) {
+            // Still acceptable unless valid_until has passed.
+            (std::cmp::Ordering::Equal, _) => past_grace,
+            // Another message took the seqno, and ours is not among the transactions since it was made.
+            (std::cmp::Ordering::Greater, Search::Absent) => true,
+            (std::cmp::Ordering::Greater, _) => {
+                tracing::warn!(settlement = %id, "the wallet's seqno moved on and the search did not reach back to the settlement; searching again");
+                false
+            }
+            // The wallet is behind the message's seqno (another message pending first): wait for expiry.
+            (std::cmp::Ordering::Less, _) => past_grace,
+        };
+        if expired {
+            let record = EventRecord::new(
+                self.producer.clone(),
+                SettlementExpired {
+                    settlement_id: id,
+                    valid_until: s.prepared.valid_until,
+                },
+            );
+            self.publish_one(&record, None).await?;
+            self.ledger
+                .apply(&record.event, record.envelope.occurred_at);
+            self.last_send.remove(&id);
+            self.report.settlements_expired += 1;
+            metrics::counter!("settler_settlements_total", "outcome" => "expired").increment(1);
+            tracing::warn!(settlement = %id, seqno = s.prepared.wallet_seqno, "settlement expired unexecuted; its accruals go into a new batch");
+            return Ok(());
+        }
+        let due = self
+            .last_send
+            .get(&id)
+            .is_none_or(|at| at.elapsed() >= self.config.resend_interval);
+        if seqno == s.prepared.wallet_seqno && now_ms < valid_until_ms && due {
+            self.send(s).await?;
+        }
+        Ok(())
+    }
+
+    async fn confirm(&mut self, s: &Settlement, tx: &Transaction) -> Result<(), SettlerError> {
+        let id = s.prepared.settlement_id;
+        let mut unused: Vec<&crate::toncenter::OutMessage> = tx.out_msgs.iter().collect();
+        let mut failed = Vec::new();
+        for payout in &s.prepared.payouts {
+            let found = unused.iter().position(|m| {
+                m.value == payout.amount.0 && same_account(&m.destination, &payout.destination)
+            });
+            match found {
+                Some(i) => {
+                    unused.swap_remove(i);
+                }
+                None => {
+                    let mut reason = format!(
+                        "the transaction sent no transfer of {} to {}",
+                        payout.amount, payout.destination
+                    );
+                    if let Some(skipped) = tx.skipped_actions.filter(|n| *n > 0) {
+                        reason.push_str(&format!(
+                            " ({skipped} transfers skipped in the action phase: the wallet's balance did not cover them)"
+                        ));
+                    }
+                    failed.push(FailedTransfer {
+                        worker_id: payout.worker_id.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+        let paid = s.prepared.payouts.len() - failed.len();
+        if !failed.is_empty() {
+            let balance = self.ton.balance(&self.wallet.address()).await.ok();
+            tracing::error!(settlement = %id, failed = failed.len(), paid, wallet_balance = ?balance,
+                "transfers did not go out; their accruals stay unpaid and are retried later");
+            metrics::counter!("settler_failed_transfers_total").increment(failed.len() as u64);
+        }
+        let confirmed = SettlementConfirmed {
+            settlement_id: id,
+            tx_hash: tx.hash_hex(),
+            logical_time: tx.lt,
+            failed_transfers: failed,
+        };
+        self.report.transfers_failed += confirmed.failed_transfers.len() as u64;
+        let record = EventRecord::new(self.producer.clone(), confirmed);
+        self.publish_one(&record, None).await?;
+        self.ledger
+            .apply(&record.event, record.envelope.occurred_at);
+        self.last_send.remove(&id);
+        self.report.settlements_confirmed += 1;
+        self.report.payouts_paid += paid as u64;
+        metrics::counter!("settler_settlements_total", "outcome" => "confirmed").increment(1);
+        metrics::counter!("settler_payouts_paid_total").increment(paid as u64);
+        metrics::counter!("settler_fees_nanoton_total").increment(tx.fee);
+        tracing::info!(settlement = %id, tx = %tx.hash_hex(), lt = tx.lt, paid, fee = %Nanoton(tx.fee), "settlement confirmed");
+        Ok(())
+    }
+
+    /// Looks for the settlement's message among the wallet's transactions, newest first, back to shortly
+    /// before it was prepared.
+    async fn search(&self, s: &Settlement) -> Result<Search, TonError> {
+        const PAGE: u32 = 50;
+        let address = self.wallet.address();
+        // A minute of slack for the chain's clock against ours.
+        let since = (s.prepared_at.as_millis() / 1000 - 60).max(0) as u64;
+        let mut from: Option<(u64, String)> = None;
+        let mut searched = 0u32;
+        while searched < self.config.search_limit {
+            let page = self
+                .ton
+                .transactions(
+                    &address,
+                    PAGE,
+                    from.as_ref().map(|(lt, h)| (*lt, h.as_str())),
+                )
+                .await?;
+            // Paging starts at `from` inclusive: skip the one already seen.
+            let fresh: Vec<Transaction> = page
+                .into_iter()
+                .filter(|t| from.as_ref().is_none_or(|(lt, _)| t.lt < *lt))
+                .collect();
+            if fresh.is_empty() {
+                return Ok(Search::Absent);
+            }
+            for tx in &fresh {
+                if tx
+                    .in_msg_hash
+                    .as_deref()
+                    .is_some_and(|h| hash_matches(h, &s.prepared.message_hash))
+                {
+                    return Ok(Search::Found(tx.clone()));
+                }
+                if tx.utime < since {
+                    return Ok(Search::Absent);
+                }
+            }
+            searched += fresh.len() as u32;
+            let last = &fresh[fresh.len() - 1];
+            from = Some((last.lt, last.hash.clone()));
+        }
+        Ok(Search::Inconclusive)
+    }
+
+    async fn chain_seqno(&self, address: &str) -> Result<Option<u32>, TonError> {
+        self.ton.seqno(address).await
+    }
+
+    /// A failed call to the TON API: logged and retried next tick (the state is unchanged).
+    fn transient(&self, what: &str, e: TonError) -> Result<(), SettlerError> {
+        tracing::warn!(error = %e, "{what} failed; retrying");
+        metrics::counter!("settler_ton_errors_total").increment(1);
+        Ok(())
+    }
+
+    fn fault(&self, point: FaultPoint) -> Result<(), SettlerError> {
+        if self.config.fault == Some(point) {
+            return Err(SettlerError::Fault(point));
+        }
+        Ok(())
+    }
+
+    /// Publishes one event as its own frame and waits for the ack; with `expected_last`, only if PAYMENTS'
+    /// last sequence is still that.
+    async fn publish_one(
+        &self,
+        record: &EventRecord,
+        expected_last: Option<u64>,
+    ) -> Result<Fenced, SettlerError> {
+        // Anything buffered goes first, so the stream keeps this settler's order.
+        self.publisher.flush().await?;
+        let frame = events::encode_frame(self.codec, std::slice::from_ref(record))
+            .map_err(|e| SettlerError::Publish(e.to_string()))?;
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in frame.headers.pairs() {
+            headers.insert(name, value.as_str());
+        }
+        let mut publish = jetstream::message::PublishMessage::build()
+            .payload(frame.body.into())
+            .headers(headers);
+        if let Some(last) = expected_last {
+            publish = publish.expected_last_sequence(last);
+        }
+        let subject = record.subject(self.config.partitions).to_string();
+        let ack = self
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| SettlerError::Publish(e.to_string()))?;
+        match ack.await {
+            Ok(_) => Ok(Fenced::Stored),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Fenced::Behind),
+            Err(e) => Err(SettlerError::Publish(e.to_string())),
+        }
+    }
+}
+
+enum Fenced {
+    Stored,
+    /// PAYMENTS has events this settler has not read yet.
+    Behind,
+}
+
+/// The API gives hashes in base64; settlements record them in hex.
+fn hash_matches(api_hash: &str, hex_hash: &str) -> bool {
+    B64.decode(api_hash)
+        .map(|b| crate::wallet::hex(&b).eq_ignore_ascii_case(hex_hash))
+        .unwrap_or(false)
+}
+
+async fn follow(
+    stream: Stream,
+    mut follower: Follower,
+    tx: mpsc::Sender<Result<Arrival, SettlerError>>,
+    cancel: CancellationToken,
+) {
+    let codec = CodecConfig::default();
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return,
+            next = follower.next() => next,
+        };
+        let arrival = match next {
+            None => Err(SettlerError::FollowerStopped(stream.name())),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(frame)) => {
+                let records = frame.decode(&codec).unwrap_or_else(|e| {
+                    tracing::warn!(stream = stream.name(), seq = frame.stream_sequence, error = %e, "skipping an undecodable frame");
+                    metrics::counter!("settler_undecodable_frames_total").increment(1);
+                    Vec::new()
+                });
+                Ok(Arrival {
+                    stream,
+                    sequence: frame.stream_sequence,
+                    records,
+                })
+            }
+        };
+        let stop = arrival.is_err();
+        if tx.send(arrival).await.is_err() || stop {
+            return;
+        }
+    }
+}

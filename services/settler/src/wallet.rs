@@ -1,0 +1,227 @@
+//! The pool's wallet (v5r1, built and signed with tonlib-core) and its key.
+//!
+//! The key is an Ed25519 seed: 64 hex characters, or a 24-word TON mnemonic, read from a file or an
+//! environment variable. It is never logged: [`PoolKey`]'s `Debug` shows the public key only.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use num_bigint::BigUint;
+use tonlib_core::TonAddress;
+use tonlib_core::cell::{BagOfCells, CellBuilder};
+use tonlib_core::message::{CommonMsgInfo, InternalMessage, TonMessage, TransferMessage};
+use tonlib_core::wallet::mnemonic::{KeyPair, Mnemonic};
+use tonlib_core::wallet::ton_wallet::TonWallet;
+use tonlib_core::wallet::wallet_version::WalletVersion;
+
+use crate::ledger::MAX_PAYOUTS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read the pool key file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("the environment variable {0} is not set")]
+    MissingEnv(String),
+    #[error(
+        "the pool key is neither 64 hex characters (an Ed25519 seed) nor a 24-word TON mnemonic: {0}"
+    )]
+    Format(String),
+    #[error("cannot derive the pool wallet: {0}")]
+    Wallet(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("a settlement carries 1 to {MAX_PAYOUTS} transfers, not {0}")]
+    PayoutCount(usize),
+    #[error("transfer {index}: {reason}")]
+    Destination { index: usize, reason: String },
+    #[error("cannot build the wallet message: {0}")]
+    Build(String),
+}
+
+/// The pool's signing key.
+#[derive(Clone)]
+pub struct PoolKey {
+    pair: KeyPair,
+}
+
+impl fmt::Debug for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolKey")
+            .field("public_key", &hex(&self.pair.public_key))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PoolKey {
+    /// From a 32-byte Ed25519 seed.
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        let kp = nacl::sign::generate_keypair(seed);
+        Self {
+            pair: KeyPair {
+                public_key: kp.pkey.to_vec(),
+                secret_key: kp.skey.to_vec(),
+            },
+        }
+    }
+
+    /// From text: 64 hex characters (a seed) or a 24-word mnemonic. Surrounding whitespace is ignored.
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        let text = text.trim();
+        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let mut seed = [0u8; 32];
+            for (i, byte) in seed.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+                    .map_err(|e| KeyError::Format(e.to_string()))?;
+            }
+            return Ok(Self::from_seed(&seed));
+        }
+        let words = text.split_whitespace().count();
+        if words != 24 {
+            return Err(KeyError::Format(format!(
+                "found {} characters and {words} words",
+                text.len()
+            )));
+        }
+        let mnemonic =
+            Mnemonic::from_str(text, &None).map_err(|e| KeyError::Format(e.to_string()))?;
+        let pair = mnemonic
+            .to_key_pair()
+            .map_err(|e| KeyError::Format(e.to_string()))?;
+        Ok(Self { pair })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| KeyError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn from_env(var: &str) -> Result<Self, KeyError> {
+        let text = std::env::var(var).map_err(|_| KeyError::MissingEnv(var.to_owned()))?;
+        Self::parse(&text)
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&self.pair.public_key[..32]);
+        out
+    }
+}
+
+/// A signed external message, ready to send and to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedMessage {
+    /// The bag of cells (with CRC32).
+    pub boc: Vec<u8>,
+    /// Hash of the message cell: how its transaction is found.
+    pub hash: [u8; 32],
+}
+
+impl SignedMessage {
+    pub fn hash_hex(&self) -> String {
+        hex(&self.hash)
+    }
+}
+
+/// The pool's wallet v5r1 on workchain 0, with tonlib-core's default wallet id (the same as @ton/ton's
+/// mainnet default, so both derive the same address).
+#[derive(Clone)]
+pub struct PoolWallet {
+    wallet: TonWallet,
+}
+
+impl fmt::Debug for PoolWallet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolWallet")
+            .field("address", &self.address())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PoolWallet {
+    pub fn new(key: &PoolKey) -> Result<Self, KeyError> {
+        let wallet = TonWallet::new(WalletVersion::V5R1, key.pair.clone())
+            .map_err(|e| KeyError::Wallet(e.to_string()))?;
+        Ok(Self { wallet })
+    }
+
+    /// The wallet's address, user-friendly (bounceable, URL-safe).
+    pub fn address(&self) -> String {
+        self.wallet.address.to_base64_url()
+    }
+
+    pub fn ton_address(&self) -> &TonAddress {
+        &self.wallet.address
+    }
+
+    /// Builds and signs one message carrying `transfers` (destination, nanoton), each non-bounceable (so a
+    /// fresh address keeps what it is sent) with an empty body. `with_state_init` deploys the wallet with
+    /// its first message.
+    pub fn sign_transfers(
+        &self,
+        seqno: u32,
+        valid_until: u32,
+        transfers: &[(&str, u64)],
+        with_state_init: bool,
+    ) -> Result<SignedMessage, MessageError> {
+        if transfers.is_empty() || transfers.len() > MAX_PAYOUTS {
+            return Err(MessageError::PayoutCount(transfers.len()));
+        }
+        let build = |e: &dyn fmt::Display| MessageError::Build(e.to_string());
+        let empty = CellBuilder::new().build().map_err(|e| build(&e))?.to_arc();
+        let mut messages = Vec::with_capacity(transfers.len());
+        for (index, (destination, amount)) in transfers.iter().enumerate() {
+            let dest =
+                TonAddress::from_str(destination).map_err(|e| MessageError::Destination {
+                    index,
+                    reason: format!("{destination:?} is not a TON address: {e}"),
+                })?;
+            let info = CommonMsgInfo::InternalMessage(InternalMessage {
+                ihr_disabled: true,
+                bounce: false,
+                bounced: false,
+                src: TonAddress::NULL,
+                dest,
+                value: BigUint::from(*amount),
+                ihr_fee: BigUint::ZERO,
+                fwd_fee: BigUint::ZERO,
+                created_lt: 0,
+                created_at: 0,
+            });
+            let cell = TransferMessage::new(info, empty.clone())
+                .build()
+                .map_err(|e| build(&e))?;
+            messages.push(cell.to_arc());
+        }
+        let message = self
+            .wallet
+            .create_external_msg(valid_until, seqno, with_state_init, messages)
+            .map_err(|e| build(&e))?;
+        let hash: [u8; 32] = message.cell_hash().into();
+        let boc = BagOfCells::from_root(message)
+            .serialize(true)
+            .map_err(|e| build(&e))?;
+        Ok(SignedMessage { boc, hash })
+    }
+}
+
+/// Two addresses name the same account (whatever their flags or form).
+pub fn same_account(a: &str, b: &str) -> bool {
+    match (TonAddress::from_str(a), TonAddress::from_str(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

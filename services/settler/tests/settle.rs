@@ -1,0 +1,620 @@
+//! The settler end to end: a real nats-server, the real TVM (the local TON server over @ton/sandbox, with a
+//! wallet v5r1 for the pool's key), and for the read model a real Postgres with the projector.
+//!
+//! Completions are published by the test, standing in for node agents; everything after them (accruals,
+//! batching, signing, sending, confirming on chain) is the settler's. "Killed" settlers stop at an
+//! injected fault point and are dropped, like a process killed there: everything they knew is in the log
+//! and on chain, which is what a restart reads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::time::Duration;
+
+use bus::{Bus, Publisher, PublisherConfig, provision_streams};
+use events::payments::SettlementConfirmed;
+use events::tasks::{TaskCompleted, Usage};
+use events::workers::{GpuInfo, WorkerRegistered};
+use events::{Event, EventRecord, GpuMillis, Nanoton, ProducerId, Stream, TaskId, WorkerId};
+use settler::ledger::BatchPolicy;
+use settler::{FaultPoint, PoolKey, PoolWallet, RunReport, SettlerConfig, SettlerError, Toncenter};
+use tests::ton_local::TonLocal;
+use tests::{NatsServer, TestDb};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonlib_core::TonAddress;
+
+const TON: u64 = 1_000_000_000;
+const DEADLINE: Duration = Duration::from_secs(60);
+
+struct Env {
+    server: NatsServer,
+    bus: Bus,
+    publisher: Publisher,
+    ton: TonLocal,
+    key: PoolKey,
+    /// What each worker earned (by the test's own arithmetic) and where it is paid.
+    earned: BTreeMap<WorkerId, u64>,
+    addresses: HashMap<WorkerId, String>,
+}
+
+struct Running {
+    stop: CancellationToken,
+    handle: JoinHandle<Result<RunReport, SettlerError>>,
+}
+
+impl Running {
+    async fn stop(self) -> RunReport {
+        self.stop.cancel();
+        self.handle.await.unwrap().unwrap()
+    }
+}
+
+fn fresh_address() -> String {
+    let mut hash = [0u8; 32];
+    hash[..16].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
+    hash[16..].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
+    hash[31] ^= 0x5a;
+    TonAddress::new(0, hash.into()).to_base64_url()
+}
+
+fn test_config() -> SettlerConfig {
+    SettlerConfig {
+        instance: "settler-test".into(),
+        policy: BatchPolicy {
+            max_age: Duration::from_millis(500),
+            min_payout: Nanoton(1),
+            failed_retry_after: Duration::from_millis(500),
+            ..BatchPolicy::default()
+        },
+        message_ttl: Duration::from_secs(30),
+        resend_interval: Duration::from_millis(500),
+        expiry_grace: Duration::from_millis(500),
+        tick: Duration::from_millis(50),
+        ..SettlerConfig::default()
+    }
+}
+
+impl Env {
+    async fn start(wallet_balance: u64) -> Env {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .try_init();
+        let server = NatsServer::start().await;
+        let bus = Bus::from_client(server.client().await, Duration::from_secs(5));
+        provision_streams(&bus.jetstream, 1).await.unwrap();
+        let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default()).unwrap();
+        let mut seed = [0u8; 32];
+        seed[..16].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
+        seed[16..].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
+        let key = PoolKey::from_seed(&seed);
+        let ton = TonLocal::start(&key.public_key(), wallet_balance).await;
+        let wallet = PoolWallet::new(&key).unwrap();
+        assert!(
+            settler::wallet::same_account(&wallet.address(), ton.wallet()),
+            "tonlib-core's v5r1 address {} differs from @ton/ton's {}",
+            wallet.address(),
+            ton.wallet()
+        );
+        Env {
+            server,
+            bus,
+            publisher,
+            ton,
+            key,
+            earned: BTreeMap::new(),
+            addresses: HashMap::new(),
+        }
+    }
+
+    fn toncenter(&self) -> Toncenter {
+        let http = httpc::HttpClient::new(&httpc::ClientConfig::new(), false).unwrap();
+        Toncenter::new(self.ton.url(), None, http)
+    }
+
+    fn spawn(&self, config: SettlerConfig) -> Running {
+        let stop = CancellationToken::new();
+        let (bus, ton, wallet, s) = (
+            self.bus.clone(),
+            self.toncenter(),
+            PoolWallet::new(&self.key).unwrap(),
+            stop.clone(),
+        );
+        let handle = tokio::spawn(async move { settler::run(bus, ton, wallet, config, s).await });
+        Running { stop, handle }
+    }
+
+    async fn publish(&self, event: impl Into<Event>) {
+        let record = EventRecord::new(ProducerId::new("test").unwrap(), event);
+        let _receipt = self.publisher.publish(&record).await.unwrap();
+        self.publisher.flush().await.unwrap();
+    }
+
+    /// Registers a worker at `price` nanoton per GPU-second, paid to a fresh address (or `address`).
+    async fn register(&mut self, name: &str, price: u64, address: Option<&str>) -> WorkerId {
+        let worker = WorkerId::new(name).unwrap();
+        let address = address.map(str::to_owned).unwrap_or_else(fresh_address);
+        self.publish(WorkerRegistered {
+            worker_id: worker.clone(),
+            gpus: vec![GpuInfo {
+                index: 0,
+                uuid: format!("GPU-{name}"),
+                name: "simulated".into(),
+                memory_total_mib: 80_000,
+                simulated: true,
+            }],
+            price_per_gpu_second: Nanoton(price),
+            payout_address: address.clone(),
+            region: "test".into(),
+            max_concurrent_tasks: 4,
+            public_key: vec![1; 32],
+            agent_version: "test".into(),
+            model_tags: vec![],
+        })
+        .await;
+        self.addresses.insert(worker.clone(), address);
+        self.earned.entry(worker.clone()).or_insert(0);
+        worker
+    }
+
+    /// Publishes a completion of a new task and books what it earns.
+    async fn complete(&mut self, worker: &WorkerId, price: u64, gpu_millis: u64) -> TaskId {
+        let task = TaskId::new();
+        self.publish(completion(task, worker, 1, gpu_millis)).await;
+        *self.earned.get_mut(worker).unwrap() += gpu_millis * price / 1000;
+        task
+    }
+
+    async fn payments(&self) -> Vec<Event> {
+        bus::read_events(&self.bus.jetstream, Stream::Payments, Vec::new())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.event)
+            .collect()
+    }
+
+    async fn balance_of(&self, worker: &WorkerId) -> u64 {
+        self.ton.balance(&self.addresses[worker]).await
+    }
+
+    /// What a worker's address received from the pool wallet, summed over its transactions on chain, and
+    /// the fees its own account paid (storage, charged by TON on every incoming transaction after the first).
+    async fn received_by(&self, worker: &WorkerId) -> (u64, u64) {
+        let (_, raw) = self
+            .ton
+            .request(
+                &format!(
+                    "/api/v2/getTransactions?address={}&limit=100",
+                    self.addresses[worker]
+                ),
+                None,
+            )
+            .await;
+        let items = raw["result"].as_array().cloned().unwrap_or_default();
+        let amount =
+            |v: &serde_json::Value| v.as_str().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let mut received = 0;
+        let mut fees = 0;
+        for item in &items {
+            let source = item["in_msg"]["source"].as_str().unwrap_or_default();
+            if settler::wallet::same_account(source, self.ton.wallet()) {
+                received += amount(&item["in_msg"]["value"]);
+            }
+            fees += amount(&item["fee"]);
+        }
+        (received, fees)
+    }
+
+    /// Waits until every worker's balance is what it earned.
+    async fn wait_all_paid(&self) {
+        eventually("every worker paid what it earned", || async {
+            for (worker, earned) in &self.earned {
+                let (received, _) = self.received_by(worker).await;
+                if received != *earned {
+                    tracing::debug!(%worker, received, earned, "not paid yet");
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    /// Each worker received exactly what it earned (not more: nobody paid twice), its balance is that less
+    /// its own account's storage fees, and each task accrued once.
+    async fn assert_books_balance(&self) {
+        for (worker, earned) in &self.earned {
+            let (received, fees) = self.received_by(worker).await;
+            assert_eq!(received, *earned, "what {worker} received");
+            assert_eq!(
+                self.balance_of(worker).await,
+                received - fees,
+                "{worker}'s balance rose by what it received, less its storage fees"
+            );
+        }
+        let payments = self.payments().await;
+        let mut accruals: HashMap<TaskId, usize> = HashMap::new();
+        let mut accrued = 0u64;
+        for e in &payments {
+            if let Event::PaymentAccrued(a) = e {
+                *accruals.entry(a.task_id).or_default() += 1;
+                accrued += a.amount.0;
+            }
+        }
+        assert!(
+            accruals.values().all(|n| *n == 1),
+            "a task accrued twice: {accruals:?}"
+        );
+        let earned: u64 = self.earned.values().sum();
+        assert_eq!(accrued, earned, "total accrued = total earned");
+        let paid: u64 = confirmed_payouts(&payments).values().sum();
+        assert_eq!(paid, earned, "total paid = total earned");
+    }
+}
+
+fn completion(task: TaskId, worker: &WorkerId, attempt: u32, gpu_millis: u64) -> TaskCompleted {
+    TaskCompleted {
+        task_id: task,
+        worker_id: worker.clone(),
+        attempt,
+        usage: Usage {
+            gpu_millis: GpuMillis(gpu_millis),
+            peak_gpu_memory_mib: None,
+            wall_ms: gpu_millis,
+        },
+    }
+}
+
+/// What confirmed settlements paid each worker (failed transfers excluded).
+fn confirmed_payouts(payments: &[Event]) -> HashMap<WorkerId, u64> {
+    let prepared: HashMap<_, _> = payments
+        .iter()
+        .filter_map(|e| match e {
+            Event::SettlementPrepared(p) => Some((p.settlement_id, p)),
+            _ => None,
+        })
+        .collect();
+    let mut paid: HashMap<WorkerId, u64> = HashMap::new();
+    for e in payments {
+        if let Event::SettlementConfirmed(c) = e {
+            for payout in &prepared[&c.settlement_id].payouts {
+                if !c
+                    .failed_transfers
+                    .iter()
+                    .any(|f| f.worker_id == payout.worker_id)
+                {
+                    *paid.entry(payout.worker_id.clone()).or_default() += payout.amount.0;
+                }
+            }
+        }
+    }
+    paid
+}
+
+fn confirmations(payments: &[Event]) -> Vec<&SettlementConfirmed> {
+    payments
+        .iter()
+        .filter_map(|e| match e {
+            Event::SettlementConfirmed(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_paid_exactly_what_they_earned_and_duplicates_accrue_once() {
+    let mut env = Env::start(100 * TON).await;
+    let db = TestDb::create().await;
+    let stop_projector = CancellationToken::new();
+    let mut projection = projector::ProjectorConfig::new(env.server.url(), db.url());
+    projection.fetch_wait = Duration::from_millis(100);
+    let s = stop_projector.clone();
+    let projector = tokio::spawn(async move { projector::run(projection, s, false).await });
+
+    let a = env.register("worker-a", 1_000_000, None).await;
+    let b = env.register("worker-b", 2_500_000, None).await;
+    let c = env.register("worker-c", 333, None).await;
+    env.complete(&a, 1_000_000, 1_500).await;
+    env.complete(&a, 1_000_000, 2_000).await;
+    let twice = env.complete(&b, 2_500_000, 4_321).await;
+    // The same completion published again, and a late completion of another attempt of that task.
+    env.publish(completion(twice, &b, 1, 4_321)).await;
+    env.publish(completion(twice, &b, 2, 9_999)).await;
+    env.complete(&c, 333, 7).await;
+
+    let running = env.spawn(test_config());
+    env.wait_all_paid().await;
+    let report = running.stop().await;
+    assert_eq!(report.accruals, 4, "{report:?}");
+    env.assert_books_balance().await;
+    assert_eq!(
+        env.earned[&c], 2,
+        "333 × 7 ms = 2.331 rounds down to 2 nanoton"
+    );
+
+    // The read model shows the same: everything paid, nothing pending.
+    let pg = db.client().await;
+    eventually("the read model shows every worker paid", || async {
+        let rows = pg
+            .query(
+                "SELECT worker_id, paid_nanoton::bigint, pending_nanoton::bigint, in_flight_nanoton::bigint
+                 FROM worker_payments",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.len() == 3
+            && rows.iter().all(|r| {
+                let worker = WorkerId::new(r.get::<_, String>(0)).unwrap();
+                r.get::<_, i64>(1) as u64 == env.earned[&worker]
+                    && r.get::<_, i64>(2) == 0
+                    && r.get::<_, i64>(3) == 0
+            })
+    })
+    .await;
+    stop_projector.cancel();
+    projector.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_255_payouts_executes_in_one_transaction() {
+    let mut env = Env::start(1_000 * TON).await;
+    let mut workers = Vec::new();
+    for i in 0..255 {
+        workers.push(env.register(&format!("w{i:03}"), 1_000_000, None).await);
+    }
+    for (i, w) in workers.iter().enumerate() {
+        env.complete(w, 1_000_000, 1_000 + i as u64).await;
+    }
+    let mut config = test_config();
+    // Only a full batch closes it: the age limit is far away.
+    config.policy.max_age = Duration::from_secs(3_600);
+    let running = env.spawn(config);
+    env.wait_all_paid().await;
+    running.stop().await;
+    let payments = env.payments().await;
+    let confirmed = confirmations(&payments);
+    assert_eq!(confirmed.len(), 1, "one settlement");
+    assert!(confirmed[0].failed_transfers.is_empty());
+    let prepared: Vec<_> = payments
+        .iter()
+        .filter_map(|e| match e {
+            Event::SettlementPrepared(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(prepared.len(), 1);
+    assert_eq!(prepared[0].payouts.len(), 255);
+    // On chain: one wallet transaction with 255 outgoing transfers.
+    let txs = env
+        .toncenter()
+        .transactions(env.ton.wallet(), 5, None)
+        .await
+        .unwrap();
+    let tx = txs
+        .iter()
+        .find(|t| t.hash_hex() == confirmed[0].tx_hash)
+        .expect("the confirmed transaction is the wallet's");
+    assert_eq!(tx.out_msgs.len(), 255);
+    env.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settler_killed_at_each_step_never_pays_twice_nor_loses_an_accrual() {
+    let mut env = Env::start(100 * TON).await;
+    let workers = [
+        env.register("k1", 1_000_000, None).await,
+        env.register("k2", 2_000_000, None).await,
+    ];
+    for (round, fault) in [
+        FaultPoint::AfterPrepared,
+        FaultPoint::AfterSend,
+        FaultPoint::BeforeConfirmed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (i, w) in workers.iter().enumerate() {
+            let price = 1_000_000 * (i as u64 + 1);
+            env.complete(w, price, 1_000 + 10 * round as u64).await;
+        }
+        let mut config = test_config();
+        config.fault = Some(fault);
+        let killed = env.spawn(config);
+        match killed.handle.await.unwrap() {
+            Err(SettlerError::Fault(point)) => assert_eq!(point, fault),
+            other => panic!("expected to stop at {fault:?}, got {other:?}"),
+        }
+        // Restarted: it resumes the recorded settlement.
+        let running = env.spawn(test_config());
+        env.wait_all_paid().await;
+        running.stop().await;
+        env.assert_books_balance().await;
+        let payments = env.payments().await;
+        assert_eq!(
+            confirmations(&payments).len(),
+            round + 1,
+            "one settlement per round, each confirmed once (after {fault:?})"
+        );
+    }
+    // One more restart finds nothing left to do and pays nothing more.
+    let running = env.spawn(test_config());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let report = running.stop().await;
+    assert_eq!(report.settlements_prepared, 0, "{report:?}");
+    env.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_goes_into_a_new_batch_and_is_paid_once() {
+    let mut env = Env::start(100 * TON).await;
+    let w = env.register("e1", 1_000_000, None).await;
+    let task = env.complete(&w, 1_000_000, 3_000).await;
+    // The network loses every message for now.
+    env.ton.set_drop_externals(true).await;
+    let mut config = test_config();
+    config.message_ttl = Duration::from_secs(2);
+    let running = env.spawn(config);
+    eventually("the settlement expired", || async {
+        env.payments()
+            .await
+            .iter()
+            .any(|e| matches!(e, Event::SettlementExpired(_)))
+    })
+    .await;
+    env.ton.set_drop_externals(false).await;
+    env.wait_all_paid().await;
+    running.stop().await;
+    let payments = env.payments().await;
+    let prepared: Vec<_> = payments
+        .iter()
+        .filter_map(|e| match e {
+            Event::SettlementPrepared(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert!(prepared.len() >= 2, "rebuilt after expiring");
+    let expired = prepared[0];
+    let paid_by = prepared.last().unwrap();
+    assert_eq!(expired.payouts[0].task_ids, vec![task]);
+    assert_eq!(paid_by.payouts[0].task_ids, vec![task]);
+    assert_eq!(
+        expired.wallet_seqno, paid_by.wallet_seqno,
+        "the expired message never used its seqno"
+    );
+    assert!(
+        payments
+            .iter()
+            .any(|e| matches!(e, Event::SettlementSubmitted(s) if s.settlement_id == expired.settlement_id && s.send_attempt >= 2)),
+        "the message was resent while it could still be accepted"
+    );
+    assert_eq!(confirmations(&payments).len(), 1);
+    env.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_the_wallet_cannot_cover_stay_unpaid_and_are_reported() {
+    let mut env = Env::start(100 * TON).await;
+    let db = TestDb::create().await;
+    let stop_projector = CancellationToken::new();
+    let mut projection = projector::ProjectorConfig::new(env.server.url(), db.url());
+    projection.fetch_wait = Duration::from_millis(100);
+    let s = stop_projector.clone();
+    let projector = tokio::spawn(async move { projector::run(projection, s, false).await });
+
+    let workers = [
+        env.register("p1", TON, None).await,
+        env.register("p2", TON, None).await,
+        env.register("p3", TON, None).await,
+    ];
+    for w in &workers {
+        env.complete(w, TON, 2_000).await; // 2 TON each
+    }
+    // Enough for one transfer and the fees, not for three.
+    env.ton.set_balance(env.ton.wallet(), 3 * TON).await;
+    let mut config = test_config();
+    config.policy.failed_retry_after = Duration::from_secs(3_600);
+    let running = env.spawn(config);
+    eventually("a settlement confirmed", || async {
+        !confirmations(&env.payments().await).is_empty()
+    })
+    .await;
+    let payments = env.payments().await;
+    let confirmed = confirmations(&payments)[0].clone();
+    assert_eq!(confirmed.failed_transfers.len(), 2, "{confirmed:?}");
+    for f in &confirmed.failed_transfers {
+        assert_eq!(
+            env.balance_of(&f.worker_id).await,
+            0,
+            "{} was not paid",
+            f.worker_id
+        );
+        assert!(f.reason.contains("no transfer"), "{}", f.reason);
+    }
+    let paid: Vec<_> = workers
+        .iter()
+        .filter(|w| {
+            !confirmed
+                .failed_transfers
+                .iter()
+                .any(|f| &f.worker_id == *w)
+        })
+        .collect();
+    assert_eq!(paid.len(), 1);
+    assert_eq!(env.balance_of(paid[0]).await, 2 * TON);
+    // The read model reports them as failed and still owed.
+    let pg = db.client().await;
+    eventually("the read model reports the failed transfers", || async {
+        let row = pg
+            .query_one(
+                "SELECT coalesce(sum(failed_transfers), 0)::bigint, coalesce(sum(pending_nanoton), 0)::bigint,
+                        coalesce(sum(paid_nanoton), 0)::bigint
+                 FROM worker_payments",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == 2
+            && row.get::<_, i64>(1) == 4 * TON as i64
+            && row.get::<_, i64>(2) == 2 * TON as i64
+    })
+    .await;
+    running.stop().await;
+
+    // Topped up, a settler retrying them pays each exactly once.
+    env.ton.fund(env.ton.wallet(), 10 * TON).await;
+    let running = env.spawn(test_config());
+    env.wait_all_paid().await;
+    running.stop().await;
+    env.assert_books_balance().await;
+    stop_projector.cancel();
+    projector.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_payout_address_is_parked_without_blocking_the_batch() {
+    let mut env = Env::start(100 * TON).await;
+    let good = env.register("good", 1_000_000, None).await;
+    let bad = env
+        .register("bad", 1_000_000, Some("EQ-not-a-real-address"))
+        .await;
+    env.complete(&good, 1_000_000, 5_000).await;
+    let parked_task = env.complete(&bad, 1_000_000, 4_000).await;
+    let owed_to_bad = env.earned.remove(&bad).unwrap();
+    let running = env.spawn(test_config());
+    env.wait_all_paid().await;
+    eventually("the bad address is parked", || async {
+        env.payments().await.iter().any(|e| {
+            matches!(e, Event::PayoutParked(p) if p.worker_id == bad && p.task_ids == vec![parked_task])
+        })
+    })
+    .await;
+    // The worker registers a payable address: what was parked is paid.
+    env.earned.insert(bad.clone(), owed_to_bad);
+    env.register("bad", 1_000_000, None).await;
+    env.wait_all_paid().await;
+    running.stop().await;
+    env.assert_books_balance().await;
+}
