@@ -5,19 +5,21 @@ CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 COCOON = $(TARGET_DIR)/debug/cocoon
 
-.PHONY: run test lint bench stack-up stack-down clean-stack
+.PHONY: run test lint bench stack-up stack-down clean-stack ton-local-deps
 
 ## run: start the embedded stack, provision the streams and migrate, then run the pool: the projector, an allocator
 ## (admitting unattested workers: development only) and node agents (simulated GPUs without an NVIDIA GPU) take a
 ## sample workload through allocation, execution and results, then stop
-run: stack-up
-	$(CARGO) build -p cocoon -p projector -p allocator -p node-agent
+run: stack-up ton-local-deps
+	$(CARGO) build -p cocoon -p projector -p allocator -p node-agent -p settler
 	$(COCOON) dev up
 	$(COCOON) dev pool
 
-## test: start the stack and run the whole test suite against real nats-server and Postgres
-test: stack-up
+## test: start the stack and run the whole test suite against real nats-server, Postgres and the TVM (the local
+## TON server over @ton/sandbox, installed from npm)
+test: stack-up ton-local-deps
 	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
+	npm test --prefix infra/ton-local
 	$(CARGO) nextest run --workspace --profile $${NEXTEST_PROFILE:-default}
 
 ## lint: formatting and clippy, as CI runs them
@@ -32,6 +34,12 @@ bench:
 
 stack-up:
 	infra/stack.sh up
+
+## ton-local-deps: install the local TON server's npm packages (pinned by its package-lock.json)
+ton-local-deps: infra/ton-local/node_modules/.package-lock.json
+
+infra/ton-local/node_modules/.package-lock.json: infra/ton-local/package-lock.json
+	npm ci --prefix infra/ton-local --no-audit --no-fund
 
 stack-down:
 	infra/stack.sh down

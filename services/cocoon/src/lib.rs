@@ -15,6 +15,7 @@ pub mod dump;
 pub mod export;
 pub mod payments;
 pub mod pool_demo;
+pub mod pool_ton;
 pub mod projections;
 pub mod results;
 pub mod tasks;

@@ -32,8 +32,8 @@ use crate::cli::{Connection, PoolArgs};
 pub const CLIENT_ID: &str = "pool-demo";
 /// The model tag one worker serves and one task asks for.
 pub const MODEL_TAG: &str = "llama-3-8b";
-/// The most the sample tasks pay per GPU-second (the workers ask 1,000 and 1,500).
-pub const MAX_PRICE: Nanoton = Nanoton(2_000);
+/// The most the sample tasks pay per GPU-second (the workers ask 0.001 and 0.0015 TON).
+pub const MAX_PRICE: Nanoton = Nanoton(2_000_000);
 /// What a worker runs per task: the input upper-cased, and the GPUs the allocation gave it. The second of sleep
 /// lets the tasks be seen running and queueing.
 pub const TASK_SCRIPT: &str = r#"input=$(cat); sleep 1; printf "%s on GPU(s) %s" "$(printf %s "$input" | tr a-z A-Z)" "$CUDA_VISIBLE_DEVICES""#;
@@ -98,7 +98,7 @@ pub fn agent_plans(choice: GpuChoice) -> Vec<AgentPlan> {
     match choice {
         GpuChoice::Nvidia => vec![AgentPlan {
             worker_id: "pool-demo-gpu",
-            price: 1_000,
+            price: 1_000_000,
             model_tags: vec![MODEL_TAG],
             simulate_gpus: None,
             max_concurrent: 2,
@@ -106,14 +106,14 @@ pub fn agent_plans(choice: GpuChoice) -> Vec<AgentPlan> {
         GpuChoice::Simulated => vec![
             AgentPlan {
                 worker_id: "pool-demo-sim-a",
-                price: 1_000,
+                price: 1_000_000,
                 model_tags: vec![MODEL_TAG],
                 simulate_gpus: Some(2),
                 max_concurrent: 2,
             },
             AgentPlan {
                 worker_id: "pool-demo-sim-b",
-                price: 1_500,
+                price: 1_500_000,
                 model_tags: Vec::new(),
                 simulate_gpus: Some(2),
                 max_concurrent: 2,
@@ -136,6 +136,8 @@ impl AgentPlan {
             "1000",
             "--drain-timeout-ms",
             "8000",
+            "--payout-address",
+            &crate::pool_ton::payout_address(self.worker_id),
         ]
         .map(str::to_owned)
         .into();
@@ -282,7 +284,7 @@ impl Services {
             .parent()
             .context("this executable has no directory")?
             .to_path_buf();
-        let missing: Vec<String> = ["projector", "allocator", "node-agent"]
+        let missing: Vec<String> = ["projector", "allocator", "node-agent", "settler"]
             .into_iter()
             .map(|b| bin_dir.join(b))
             .filter(|p| !p.is_file())
@@ -290,7 +292,7 @@ impl Services {
             .collect();
         if !missing.is_empty() {
             bail!(
-                "missing {}: build them next to cocoon with `cargo build -p cocoon -p projector -p allocator -p node-agent`",
+                "missing {}: build them next to cocoon with `cargo build -p cocoon -p projector -p allocator -p node-agent -p settler`",
                 missing.join(", ")
             );
         }
@@ -315,6 +317,18 @@ impl Services {
         args: &[String],
         stop_signal: &'static str,
     ) -> anyhow::Result<()> {
+        self.spawn_with_env(name, program, args, stop_signal, &[])
+    }
+
+    /// Like `spawn`, with variables for this one service only (a key).
+    fn spawn_with_env(
+        &mut self,
+        name: &str,
+        program: &str,
+        args: &[String],
+        stop_signal: &'static str,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let log = self.logs.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
@@ -322,7 +336,8 @@ impl Services {
         let path = self.bin_dir.join(program);
         let child = Command::new(&path)
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -343,6 +358,22 @@ impl Services {
             is_agent: program == "node-agent",
         });
         Ok(())
+    }
+
+    /// Takes over a child started elsewhere, to stop it with the others.
+    fn adopt(&mut self, name: &str, child: Child, log: PathBuf, stop_signal: &'static str) {
+        println!(
+            "  started {name:<16} pid {:<8} log {}",
+            child.id().unwrap_or(0),
+            shown(&log)
+        );
+        self.running.push(Service {
+            name: name.to_owned(),
+            child,
+            log,
+            stop_signal,
+            is_agent: false,
+        });
     }
 
     /// The first service that has exited, taken out of the running set.
@@ -609,7 +640,8 @@ async fn drive(
     services: &mut Services,
 ) -> anyhow::Result<ExitCode> {
     let t0 = Timestamp::now();
-    let Some((plans, workers)) = start(conn, args, shutdown, model, services, t0).await? else {
+    let Some((plans, workers, chain)) = start(conn, args, shutdown, model, services, t0).await?
+    else {
         return Ok(interrupted());
     };
     let (mut results, mut tracked) = submit(bus, &workers).await?;
@@ -624,7 +656,12 @@ async fn drive(
     )
     .await?
     {
-        Followed::Done => report(bus, model, &plans, &tracked).await,
+        Followed::Done => {
+            let code = report(bus, model, &plans, &tracked).await?;
+            let ids: Vec<&str> = plans.iter().map(|p| p.worker_id).collect();
+            let paid = crate::pool_ton::settle_and_report(model, &chain, &ids).await?;
+            Ok(if paid { code } else { ExitCode::FAILURE })
+        }
         Followed::Interrupted => Ok(interrupted()),
         Followed::TimedOut => Ok(ExitCode::FAILURE),
     }
@@ -638,7 +675,7 @@ async fn start(
     model: &ReadModel,
     services: &mut Services,
     t0: Timestamp,
-) -> anyhow::Result<Option<(Vec<AgentPlan>, Vec<WorkerView>)>> {
+) -> anyhow::Result<Option<(Vec<AgentPlan>, Vec<WorkerView>, crate::pool_ton::Chain)>> {
     let (smi, dev) = if args.simulate {
         (false, false)
     } else {
@@ -677,6 +714,26 @@ async fn start(
             reject_after,
         ],
         "INT",
+    )?;
+    let key = crate::pool_ton::dev_pool_key();
+    let ton = crate::pool_ton::start(&services.logs, &key).await?;
+    let chain = crate::pool_ton::Chain {
+        url: ton.url.clone(),
+        wallet: ton.wallet.clone(),
+    };
+    services.adopt("ton-local", ton.child, ton.log, "INT");
+    println!(
+        "  local TON chain (the real TVM, @ton/sandbox) at {}: pool wallet {} with {}",
+        chain.url,
+        chain.wallet,
+        Nanoton(crate::pool_ton::WALLET_BALANCE)
+    );
+    services.spawn_with_env(
+        "settler",
+        "settler",
+        &crate::pool_ton::settler_args(&chain.url),
+        "INT",
+        &[("COCOON_SETTLER_KEY", key.as_str())],
     )?;
     let mut plans = agent_plans(choice);
     for plan in &plans {
@@ -723,7 +780,7 @@ async fn start(
         );
     }
 
-    Ok(Some((plans, workers)))
+    Ok(Some((plans, workers, chain)))
 }
 
 /// Opens the result stream, then submits the sample workload sized to `workers`.
@@ -1064,7 +1121,7 @@ mod tests {
                     .validate()
                     .unwrap_or_else(|e| panic!("{}: {e}", t.label));
                 assert!(
-                    t.request.max_price_per_gpu_second >= Nanoton(1_500),
+                    t.request.max_price_per_gpu_second >= Nanoton(1_500_000),
                     "{}",
                     t.label
                 );

@@ -12,7 +12,7 @@
 //! settlements and none is ever paid twice; one that would be (a bug, or a second settler writing without
 //! the stream fence) is recorded as an anomaly and left where it was.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -200,8 +200,12 @@ pub fn unpayable_reason(address: &str) -> Option<String> {
 #[derive(Debug, Default)]
 pub struct Ledger {
     accruals: HashMap<TaskId, Accrual>,
+    /// The accruals that are pending or parked: all that batching looks at, however long the history.
+    unsettled: HashSet<TaskId>,
     settlements: BTreeMap<SettlementId, Settlement>,
     payees: HashMap<WorkerId, Payee>,
+    /// Why a registered worker's address cannot be paid (checked once per registration).
+    unpayable: HashMap<WorkerId, String>,
     /// Workers whose last transfer failed, and when they may be retried.
     retry_at: HashMap<WorkerId, Timestamp>,
     anomalies: Vec<String>,
@@ -227,6 +231,10 @@ impl Ledger {
 
     /// A worker's registration (the latest wins). A payable address releases its parked accruals.
     pub fn register(&mut self, worker: WorkerId, payee: Payee) {
+        match unpayable_reason(&payee.payout_address) {
+            Some(reason) => self.unpayable.insert(worker.clone(), reason),
+            None => self.unpayable.remove(&worker),
+        };
         self.payees.insert(worker, payee);
     }
 
@@ -258,6 +266,7 @@ impl Ledger {
         &self.anomalies
     }
 
+    /// Cheap however long the history: it looks only at unsettled accruals and open settlements.
     pub fn totals(&self) -> Totals {
         let mut t = Totals {
             accruals: self.accruals.len(),
@@ -265,13 +274,25 @@ impl Ledger {
             paid: self.paid,
             ..Totals::default()
         };
-        for a in self.accruals.values() {
-            let amount = u128::from(a.amount.0);
+        for a in self
+            .unsettled
+            .iter()
+            .filter_map(|task| self.accruals.get(task))
+        {
             match a.state {
-                AccrualState::Pending => t.pending += amount,
-                AccrualState::Parked { .. } => t.parked += amount,
-                AccrualState::InFlight(_) => t.in_flight += amount,
-                AccrualState::Paid(_) => {}
+                AccrualState::Pending => t.pending += u128::from(a.amount.0),
+                AccrualState::Parked { .. } => t.parked += u128::from(a.amount.0),
+                _ => {}
+            }
+        }
+        for s in self.settlements.values().filter(|s| s.is_open()) {
+            let id = s.prepared.settlement_id;
+            for task in s.prepared.payouts.iter().flat_map(|p| &p.task_ids) {
+                if let Some(a) = self.accruals.get(task)
+                    && a.state == AccrualState::InFlight(id)
+                {
+                    t.in_flight += u128::from(a.amount.0);
+                }
             }
         }
         t
@@ -326,6 +347,7 @@ impl Ledger {
                 state: AccrualState::Pending,
             },
         );
+        self.unsettled.insert(a.task_id);
     }
 
     fn prepare(&mut self, s: &SettlementPrepared, at: Timestamp) {
@@ -338,6 +360,7 @@ impl Ledger {
                     Some(a) => match &a.state {
                         AccrualState::Pending | AccrualState::Parked { .. } => {
                             a.state = AccrualState::InFlight(s.settlement_id);
+                            self.unsettled.remove(task);
                         }
                         AccrualState::InFlight(other) | AccrualState::Paid(other) => {
                             self.anomalies.push(format!(
@@ -396,6 +419,7 @@ impl Ledger {
                 }
                 if failed {
                     a.state = AccrualState::Pending;
+                    self.unsettled.insert(*task);
                 } else {
                     a.state = AccrualState::Paid(c.settlement_id);
                     self.paid += u128::from(a.amount.0);
@@ -419,6 +443,7 @@ impl Ledger {
                     && a.state == AccrualState::InFlight(id)
                 {
                     a.state = AccrualState::Pending;
+                    self.unsettled.insert(*task);
                 }
             }
         }
@@ -437,11 +462,14 @@ impl Ledger {
         }
         let mut owed: HashMap<&WorkerId, Owed> = HashMap::new();
         let mut park: HashMap<&WorkerId, Owed> = HashMap::new();
-        for (task, a) in &self.accruals {
+        for task in &self.unsettled {
+            let Some(a) = self.accruals.get(task) else {
+                continue;
+            };
             let payable_address = self
                 .payees
                 .get(&a.worker_id)
-                .filter(|p| unpayable_reason(&p.payout_address).is_none());
+                .filter(|_| !self.unpayable.contains_key(&a.worker_id));
             let into = match (&a.state, payable_address) {
                 (AccrualState::Pending | AccrualState::Parked { .. }, Some(_)) => &mut owed,
                 // Reported once: only pending accruals of an unpayable worker are parked.
@@ -474,9 +502,8 @@ impl Ledger {
                 .get(p.worker)
                 .map(|payee| payee.payout_address.clone())
                 .unwrap_or_default();
-            let reason = match self.payees.get(p.worker) {
-                Some(payee) => unpayable_reason(&payee.payout_address)
-                    .unwrap_or_else(|| "payout address cannot be paid".to_owned()),
+            let reason = match self.unpayable.get(p.worker) {
+                Some(reason) => reason.clone(),
                 None => "the worker's registration (its payout address) is unknown".to_owned(),
             };
             plan.park.push(PayoutParked {
@@ -504,10 +531,15 @@ impl Ledger {
         if candidates.is_empty() {
             return plan;
         }
-        candidates.sort_by(|a, b| (a.oldest, a.worker).cmp(&(b.oldest, b.worker)));
-
         let cap = u128::from(policy.max_total.0);
         let all_owed: u128 = candidates.iter().map(|o| o.amount).sum();
+        // Only the longest-owed `max_payouts` can go into this batch: select them, then order just those.
+        let order = |a: &Owed, b: &Owed| (a.oldest, a.worker).cmp(&(b.oldest, b.worker));
+        if candidates.len() > policy.max_payouts {
+            candidates.select_nth_unstable_by(policy.max_payouts - 1, order);
+            candidates.truncate(policy.max_payouts);
+        }
+        candidates.sort_by(order);
         let mut chosen: Vec<Owed> = Vec::new();
         let mut total: u128 = 0;
         let mut task_count = 0usize;
