@@ -141,6 +141,11 @@ test('a two-payout v5r1 transfer executes, and its transactions are visible', as
     ].sort();
     assert.deepEqual(outs, want);
     for (const m of tx.out_msgs) assert.equal(m.source, ready.wallet);
+    // What the wallet pays beyond the amounts: the transaction's fee plus the
+    // forwarding fees of its messages (which are not part of total_fees).
+    const fwdFees = tx.out_msgs.reduce((sum, m) => sum + BigInt(m.fwd_fee), 0n);
+    assert.equal(fee, BigInt(tx.fee) + fwdFees, `fee ${tx.fee} + fwd ${fwdFees}`);
+    process.stderr.write(`#   transaction fee ${tx.fee} (storage ${tx.storage_fee}) + forwarding fees ${fwdFees}\n`);
     assert.ok(BigInt(txs[0].transaction_id.lt) > BigInt(txs[1].transaction_id.lt));
 
     // The recipients' own transactions are recorded too.
