@@ -225,3 +225,72 @@ pub fn hex(bytes: &[u8]) -> String {
         s
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED_HEX: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+    #[test]
+    fn keys_parse_from_hex_or_mnemonic_and_never_show_the_secret() {
+        let key = PoolKey::parse(&format!("  {SEED_HEX}\n")).unwrap();
+        assert_eq!(key.public_key(), PoolKey::from_seed(&[1; 32]).public_key());
+        let shown = format!("{key:?}");
+        assert!(!shown.contains(SEED_HEX), "{shown}");
+        assert!(shown.contains(&hex(&key.public_key())));
+        // tonlib-core's own v5r1 test vector: this mnemonic's wallet.
+        let words = "section garden tomato dinner season dice renew length useful spin trade intact use universe what post spike keen mandate behind concert egg doll rug";
+        let wallet = PoolWallet::new(&PoolKey::parse(words).unwrap()).unwrap();
+        assert!(same_account(
+            &wallet.address(),
+            "UQDv2YSmlrlLH3hLNOVxC8FcQf4F9eGNs4vb2zKma4txo6i3"
+        ));
+        for bad in ["", "abc", &SEED_HEX[..62], "one two three"] {
+            assert!(
+                matches!(PoolKey::parse(bad), Err(KeyError::Format(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            PoolKey::from_env("COCOON_TEST_SURELY_UNSET_KEY"),
+            Err(KeyError::MissingEnv(_))
+        ));
+    }
+
+    #[test]
+    fn messages_carry_1_to_255_transfers_to_valid_addresses() {
+        let wallet = PoolWallet::new(&PoolKey::from_seed(&[2; 32])).unwrap();
+        let to = wallet.address();
+        let one = wallet
+            .sign_transfers(0, 1_900_000_000, &[(&to, 5)], false)
+            .unwrap();
+        assert_eq!(&one.boc[..4], &[0xb5, 0xee, 0x9c, 0x72], "a bag of cells");
+        let again = wallet
+            .sign_transfers(0, 1_900_000_000, &[(&to, 5)], false)
+            .unwrap();
+        assert_eq!(
+            one, again,
+            "signing is deterministic: a resend is the identical message"
+        );
+        let full: Vec<(&str, u64)> = (0..255).map(|i| (to.as_str(), i + 1)).collect();
+        assert!(
+            wallet
+                .sign_transfers(1, 1_900_000_000, &full, false)
+                .is_ok()
+        );
+        let too_many: Vec<(&str, u64)> = (0..256).map(|i| (to.as_str(), i + 1)).collect();
+        assert!(matches!(
+            wallet.sign_transfers(1, 1, &too_many, false),
+            Err(MessageError::PayoutCount(256))
+        ));
+        assert!(matches!(
+            wallet.sign_transfers(1, 1, &[], false),
+            Err(MessageError::PayoutCount(0))
+        ));
+        assert!(matches!(
+            wallet.sign_transfers(1, 1, &[(&to, 1), ("nope", 2)], false),
+            Err(MessageError::Destination { index: 1, .. })
+        ));
+    }
+}

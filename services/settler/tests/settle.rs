@@ -32,6 +32,8 @@ struct Env {
     publisher: Publisher,
     ton: TonLocal,
     key: PoolKey,
+    /// The key's seed in hex, as the binary reads it.
+    seed_hex: String,
     /// What each worker earned (by the test's own arithmetic) and where it is paid.
     earned: BTreeMap<WorkerId, u64>,
     addresses: HashMap<WorkerId, String>,
@@ -91,6 +93,7 @@ impl Env {
         seed[..16].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
         seed[16..].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
         let key = PoolKey::from_seed(&seed);
+        let seed_hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
         let ton = TonLocal::start(&key.public_key(), wallet_balance).await;
         let wallet = PoolWallet::new(&key).unwrap();
         assert!(
@@ -105,6 +108,7 @@ impl Env {
             publisher,
             ton,
             key,
+            seed_hex,
             earned: BTreeMap::new(),
             addresses: HashMap::new(),
         }
@@ -125,6 +129,41 @@ impl Env {
         );
         let handle = tokio::spawn(async move { settler::run(bus, ton, wallet, config, s).await });
         Running { stop, handle }
+    }
+
+    /// Runs the `settler` binary until it exits (with `fault`, it stops there like a killed process) or, without,
+    /// until every worker is paid on chain and the log confirms it; then kills it.
+    async fn run_binary(&self, fault: Option<&str>) -> std::process::ExitStatus {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_settler"));
+        command
+            .args(["--nats-url", &self.server.url()])
+            .args(["--toncenter-url", self.ton.url()])
+            .args(["--max-age-s", "0", "--min-payout-nanoton", "1"])
+            .args(["--resend-interval-ms", "500", "--instance", "settler-bin"])
+            .env("COCOON_SETTLER_KEY", &self.seed_hex)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        if let Some(fault) = fault {
+            command.args(["--fault", fault]);
+        }
+        let mut child = command.spawn().expect("the settler binary starts");
+        if fault.is_some() {
+            return tokio::time::timeout(DEADLINE, child.wait())
+                .await
+                .expect("the settler stopped at its fault point")
+                .unwrap();
+        }
+        self.wait_all_paid().await;
+        let earned: u64 = self.earned.values().sum();
+        eventually("the log confirms every payout", || async {
+            confirmed_payouts(&self.payments().await)
+                .values()
+                .sum::<u64>()
+                == earned
+        })
+        .await;
+        child.kill().await.unwrap();
+        child.wait().await.unwrap()
     }
 
     async fn publish(&self, event: impl Into<Event>) {
@@ -617,4 +656,28 @@ async fn an_invalid_payout_address_is_parked_without_blocking_the_batch() {
     env.wait_all_paid().await;
     running.stop().await;
     env.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settler_process_stopped_at_each_step_and_restarted_pays_once() {
+    let mut env = Env::start(100 * TON).await;
+    let workers = [
+        env.register("b1", 1_000_000, None).await,
+        env.register("b2", 3_000_000, None).await,
+    ];
+    for (round, fault) in ["after-prepared", "after-send", "before-confirmed"]
+        .into_iter()
+        .enumerate()
+    {
+        for (i, w) in workers.iter().enumerate() {
+            let price = if i == 0 { 1_000_000 } else { 3_000_000 };
+            env.complete(w, price, 2_000 + round as u64).await;
+        }
+        let status = env.run_binary(Some(fault)).await;
+        assert!(!status.success(), "the process ended at {fault}: {status}");
+        // A fresh process takes over from the log and the chain.
+        env.run_binary(None).await;
+        env.assert_books_balance().await;
+        assert_eq!(confirmations(&env.payments().await).len(), round + 1);
+    }
 }
