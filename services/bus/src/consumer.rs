@@ -440,11 +440,16 @@ impl Follower {
     }
 }
 
-/// The last sequence stored in `stream` (0 when empty).
+/// The last sequence stored in `stream`, or 0 when it holds no message (empty, or every message aged out or
+/// purged): a reader waiting to reach it never waits for a message that will not come.
 pub async fn last_sequence(js: &jetstream::Context, stream: Stream) -> Result<u64, ConsumeError> {
     let mut handle = stream_of(js, stream).await?;
     let info = handle.info().await.map_err(|e| ordered_err(stream, &e))?;
-    Ok(info.state.last_sequence)
+    Ok(if info.state.messages == 0 {
+        0
+    } else {
+        info.state.last_sequence
+    })
 }
 
 /// Why [`read_events`] failed.

@@ -562,6 +562,9 @@ impl Ledger {
                 tasks.truncate(policy.max_tasks - task_count);
                 amount = tasks.iter().map(|t| u128::from(t.2)).sum();
                 full = true;
+                if amount < u128::from(policy.min_payout.0) {
+                    break;
+                }
             }
             task_count += tasks.len();
             total += amount;
@@ -571,6 +574,9 @@ impl Ledger {
                 oldest: o.oldest,
                 tasks,
             });
+        }
+        if chosen.is_empty() {
+            return plan;
         }
         let oldest = chosen.iter().map(|o| o.oldest).min().unwrap_or(now);
         let reason = if full || chosen.len() == policy.max_payouts {

@@ -17,7 +17,7 @@
 //! - A crash anywhere loses nothing: everything it knows is in the log and on chain, and a restart resumes
 //!   the open settlement by resending the recorded message.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind};
@@ -114,6 +114,20 @@ pub enum SettlerError {
     FollowerStopped(&'static str),
     #[error("stopped at the injected fault point {0:?} (testing)")]
     Fault(FaultPoint),
+    #[error(
+        "PAYMENTS frame {sequence} cannot be read ({reason}); the settler stops rather than settle without it (is this settler older than the one that wrote it?)"
+    )]
+    UnreadablePayments { sequence: u64, reason: String },
+    #[error(
+        "settlement {settlement}: the transaction {tx} has {out} outgoing messages for {payouts} transfers, but {unmatched} transfers match none; not deciding which were paid (check the API's address and amount formats)"
+    )]
+    Reconcile {
+        settlement: SettlementId,
+        tx: String,
+        out: usize,
+        payouts: usize,
+        unmatched: usize,
+    },
 }
 
 impl From<bus::PublishError> for SettlerError {
@@ -140,12 +154,16 @@ struct Arrival {
     records: Vec<EventRecord>,
 }
 
-/// A search of the wallet's transactions for a message.
+/// A search of the wallet's transactions for a settlement's message.
 enum Search {
     Found(Transaction),
-    /// Not among the transactions back to the batch's preparation.
+    /// Another signed message used the settlement's seqno.
+    UsedBy {
+        tx_hash: String,
+    },
+    /// Not there, and the search reached transactions older than the seqno (or the wallet's first).
     Absent,
-    /// Not among the ones searched, which did not reach back that far.
+    /// Not among the transactions searched, which did not reach that far.
     Inconclusive,
 }
 
@@ -160,6 +178,11 @@ struct Settler {
     ledger: Ledger,
     /// The last PAYMENTS sequence folded into the ledger.
     payments_seq: u64,
+    /// Sequences of this settler's own PAYMENTS frames, stored (and applied to the books) but not read back
+    /// yet: with them the books are known to be complete up to [`Settler::fence`].
+    own_seqs: BTreeSet<u64>,
+    /// Receipts of buffered publishes, turned into `own_seqs` once flushed.
+    receipts: Vec<bus::Receipt>,
     /// Completions whose worker is not known yet (its registration not read): retried as WORKERS arrives.
     unpriced: Vec<(Envelope, TaskCompleted)>,
     /// When each open settlement was last sent by this process.
@@ -208,6 +231,8 @@ pub async fn run(
         codec: CodecConfig::default(),
         ledger: Ledger::new(),
         payments_seq: 0,
+        own_seqs: BTreeSet::new(),
+        receipts: Vec::new(),
         unpriced: Vec::new(),
         last_send: HashMap::new(),
         report: RunReport::default(),
@@ -239,7 +264,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
-                settler.publisher.flush().await?;
+                settler.flush().await?;
                 return Ok(settler.report);
             }
             arrival = rx.recv() => {
@@ -247,7 +272,7 @@ pub async fn run(
                 settler.fold(arrival).await?;
             }
             _ = tick.tick() => {
-                settler.publisher.flush().await?;
+                settler.flush().await?;
                 settler.step().await?;
             }
         }
@@ -255,6 +280,28 @@ pub async fn run(
 }
 
 impl Settler {
+    /// Sends what is buffered, waits for the acks, and notes where this settler's frames landed.
+    async fn flush(&mut self) -> Result<(), SettlerError> {
+        self.publisher.flush().await?;
+        for receipt in std::mem::take(&mut self.receipts) {
+            let position = receipt.await?;
+            if position.sequence > self.payments_seq {
+                self.own_seqs.insert(position.sequence);
+            }
+        }
+        Ok(())
+    }
+
+    /// The PAYMENTS sequence up to which the books are complete: what was read back, then this settler's own
+    /// frames right after it. A settlement is stored only if the stream's last sequence is still this.
+    fn fence(&self) -> u64 {
+        let mut seq = self.payments_seq;
+        while self.own_seqs.contains(&(seq + 1)) {
+            seq += 1;
+        }
+        seq
+    }
+
     async fn fold(&mut self, arrival: Arrival) -> Result<(), SettlerError> {
         match arrival.stream {
             Stream::Payments => {
@@ -263,6 +310,8 @@ impl Settler {
                         .apply(&record.event, record.envelope.occurred_at);
                 }
                 self.payments_seq = self.payments_seq.max(arrival.sequence);
+                let read = self.payments_seq;
+                self.own_seqs.retain(|seq| *seq > read);
             }
             Stream::Workers => {
                 for record in &arrival.records {
@@ -328,7 +377,7 @@ impl Settler {
         };
         let record = EventRecord::caused_by(envelope, self.producer.clone(), accrued);
         // A failed frame is reported by the next flush (every tick), which ends the run.
-        let _receipt = self.publisher.publish(&record).await?;
+        self.receipts.push(self.publisher.publish(&record).await?);
         self.ledger
             .apply(&record.event, record.envelope.occurred_at);
         self.report.accruals += 1;
@@ -352,11 +401,11 @@ impl Settler {
             tracing::warn!(worker = %parked.worker_id, amount = %parked.amount, reason = %parked.reason, "payout parked");
             metrics::counter!("settler_parked_total").increment(1);
             let record = EventRecord::new(self.producer.clone(), parked);
-            let _receipt = self.publisher.publish(&record).await?;
+            self.receipts.push(self.publisher.publish(&record).await?);
             self.ledger
                 .apply(&record.event, record.envelope.occurred_at);
         }
-        self.publisher.flush().await?;
+        self.flush().await?;
         if let Some(batch) = plan.batch {
             self.prepare(batch).await?;
         }
@@ -416,7 +465,7 @@ impl Settler {
         };
         let id = prepared.settlement_id;
         let record = EventRecord::new(self.producer.clone(), prepared);
-        match self.publish_one(&record, Some(self.payments_seq)).await? {
+        match self.publish_one(&record, Some(self.fence())).await? {
             Fenced::Stored => {}
             Fenced::Behind => {
                 tracing::debug!(
@@ -474,13 +523,25 @@ impl Settler {
 
     async fn drive(&mut self, s: &Settlement) -> Result<(), SettlerError> {
         let id = s.prepared.settlement_id;
-        // The seqno is read before the search, so that "not found" means "not executed when the seqno was
-        // read": a message executing between the two reads is then found, never mistaken for expired.
-        let now_ms = Timestamp::now().as_millis();
-        let seqno = match self.chain_seqno(&self.wallet.address()).await {
-            Ok(seqno) => seqno.unwrap_or(0),
-            Err(e) => return self.transient("reading the wallet's seqno", e),
+        let n = s.prepared.wallet_seqno;
+        // One snapshot of the wallet (its seqno, in its data, and the chain time of that state), read before
+        // the search: a message that executes in between is found by the search, never taken for expired.
+        let snapshot = match self.ton.account(&self.wallet.address()).await {
+            Ok(info) => info,
+            Err(e) => return self.transient("reading the pool wallet", e),
         };
+        let Some(seqno) = (snapshot.state == "active")
+            .then(|| crate::wallet::seqno_from_data(&snapshot.data))
+            .flatten()
+        else {
+            tracing::warn!(settlement = %id, state = %snapshot.state, "the pool wallet's state shows no seqno; checking again");
+            metrics::counter!("settler_ton_errors_total").increment(1);
+            return Ok(());
+        };
+        // The chain's time of that state; this host's clock only when the API does not say.
+        let chain_now_s = snapshot
+            .sync_utime
+            .unwrap_or_else(|| (Timestamp::now().as_millis() / 1000).max(0) as u64);
         let search = match self.search(s).await {
             Ok(search) => search,
             Err(e) => return self.transient("searching the wallet's transactions", e),
@@ -489,19 +550,23 @@ impl Settler {
             self.fault(FaultPoint::BeforeConfirmed)?;
             return self.confirm(s, &tx).await;
         }
-        let valid_until_ms = s.prepared.valid_until.as_millis();
-        let past_grace = now_ms > valid_until_ms + self.config.expiry_grace.as_millis() as i64;
-        let expired = match (seqno.cmp(&s.prepared.wallet_seqno), &search) {
-            // Still acceptable unless valid_until has passed.
-            (std::cmp::Ordering::Equal, _) => past_grace,
-            // Another message took the seqno, and ours is not among the transactions since it was made.
-            (std::cmp::Ordering::Greater, Search::Absent) => true,
-            (std::cmp::Ordering::Greater, _) => {
-                tracing::warn!(settlement = %id, "the wallet's seqno moved on and the search did not reach back to the settlement; searching again");
-                false
-            }
-            // The wallet is behind the message's seqno (another message pending first): wait for expiry.
-            (std::cmp::Ordering::Less, _) => past_grace,
+        let valid_until_s = (s.prepared.valid_until.as_millis() / 1000).max(0) as u64;
+        let past_valid_until = chain_now_s > valid_until_s + self.config.expiry_grace.as_secs();
+        let expired = match seqno.cmp(&n) {
+            // Not executed in a state the chain reached after valid_until: the wallet refuses it from now on.
+            std::cmp::Ordering::Equal => past_valid_until,
+            std::cmp::Ordering::Greater => match &search {
+                // Another message used the seqno: this one can never be accepted.
+                Search::UsedBy { .. } => true,
+                _ => {
+                    tracing::error!(settlement = %id, seqno = n, wallet_seqno = seqno,
+                        "the wallet's seqno moved past the settlement's, and the transaction that used it was not found; not rebuilding the batch until it is");
+                    metrics::counter!("settler_unresolved_settlements_total").increment(1);
+                    false
+                }
+            },
+            // Behind the message's seqno: it cannot execute once valid_until has passed.
+            std::cmp::Ordering::Less => past_valid_until,
         };
         if expired {
             let record = EventRecord::new(
@@ -511,20 +576,29 @@ impl Settler {
                     valid_until: s.prepared.valid_until,
                 },
             );
-            self.publish_one(&record, None).await?;
+            if let Fenced::Behind = self.publish_one(&record, Some(self.fence())).await? {
+                return Ok(());
+            }
             self.ledger
                 .apply(&record.event, record.envelope.occurred_at);
             self.last_send.remove(&id);
             self.report.settlements_expired += 1;
             metrics::counter!("settler_settlements_total", "outcome" => "expired").increment(1);
-            tracing::warn!(settlement = %id, seqno = s.prepared.wallet_seqno, "settlement expired unexecuted; its accruals go into a new batch");
+            match search {
+                Search::UsedBy { tx_hash } => {
+                    tracing::warn!(settlement = %id, seqno = n, used_by = %tx_hash,
+                    "another message used the settlement's seqno; its accruals go into a new batch")
+                }
+                _ => tracing::warn!(settlement = %id, seqno = n,
+                    "settlement expired unexecuted; its accruals go into a new batch"),
+            }
             return Ok(());
         }
         let due = self
             .last_send
             .get(&id)
             .is_none_or(|at| at.elapsed() >= self.config.resend_interval);
-        if seqno == s.prepared.wallet_seqno && now_ms < valid_until_ms && due {
+        if seqno == n && chain_now_s < valid_until_s && due {
             self.send(s).await?;
         }
         Ok(())
@@ -559,6 +633,19 @@ impl Settler {
                 }
             }
         }
+        // A transfer the wallet skipped leaves no outgoing message, so at most (transfers − messages) can be
+        // missing. More unmatched than that means the answer's format was misread, not that they were unpaid:
+        // deciding either way could pay twice or lose a payout, so stop and say so.
+        let missing = s.prepared.payouts.len().saturating_sub(tx.out_msgs.len());
+        if failed.len() > missing {
+            return Err(SettlerError::Reconcile {
+                settlement: id,
+                tx: tx.hash_hex(),
+                out: tx.out_msgs.len(),
+                payouts: s.prepared.payouts.len(),
+                unmatched: failed.len(),
+            });
+        }
         let paid = s.prepared.payouts.len() - failed.len();
         if !failed.is_empty() {
             let balance = self.ton.balance(&self.wallet.address()).await.ok();
@@ -587,13 +674,12 @@ impl Settler {
         Ok(())
     }
 
-    /// Looks for the settlement's message among the wallet's transactions, newest first, back to shortly
-    /// before it was prepared.
+    /// Looks for the settlement's message among the wallet's transactions, newest first, down to the one
+    /// that used its seqno (or an older one).
     async fn search(&self, s: &Settlement) -> Result<Search, TonError> {
         const PAGE: u32 = 50;
         let address = self.wallet.address();
-        // A minute of slack for the chain's clock against ours.
-        let since = (s.prepared_at.as_millis() / 1000 - 60).max(0) as u64;
+        let n = s.prepared.wallet_seqno;
         let mut from: Option<(u64, String)> = None;
         let mut searched = 0u32;
         while searched < self.config.search_limit {
@@ -621,8 +707,23 @@ impl Settler {
                 {
                     return Ok(Search::Found(tx.clone()));
                 }
-                if tx.utime < since {
-                    return Ok(Search::Absent);
+                let used = tx
+                    .in_msg_external
+                    .then(|| {
+                        tx.in_msg_body
+                            .as_deref()
+                            .and_then(crate::wallet::signed_request_seqno)
+                    })
+                    .flatten();
+                match used {
+                    Some((seqno, _)) if seqno == n => {
+                        return Ok(Search::UsedBy {
+                            tx_hash: tx.hash_hex(),
+                        });
+                    }
+                    // Older than any message with this seqno could be.
+                    Some((seqno, _)) if seqno < n => return Ok(Search::Absent),
+                    _ => {}
                 }
             }
             searched += fresh.len() as u32;
@@ -653,12 +754,12 @@ impl Settler {
     /// Publishes one event as its own frame and waits for the ack; with `expected_last`, only if PAYMENTS'
     /// last sequence is still that.
     async fn publish_one(
-        &self,
+        &mut self,
         record: &EventRecord,
         expected_last: Option<u64>,
     ) -> Result<Fenced, SettlerError> {
         // Anything buffered goes first, so the stream keeps this settler's order.
-        self.publisher.flush().await?;
+        self.flush().await?;
         let frame = events::encode_frame(self.codec, std::slice::from_ref(record))
             .map_err(|e| SettlerError::Publish(e.to_string()))?;
         let mut headers = async_nats::HeaderMap::new();
@@ -678,7 +779,12 @@ impl Settler {
             .await
             .map_err(|e| SettlerError::Publish(e.to_string()))?;
         match ack.await {
-            Ok(_) => Ok(Fenced::Stored),
+            Ok(ack) => {
+                if ack.sequence > self.payments_seq {
+                    self.own_seqs.insert(ack.sequence);
+                }
+                Ok(Fenced::Stored)
+            }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Fenced::Behind),
             Err(e) => Err(SettlerError::Publish(e.to_string())),
         }
@@ -713,18 +819,28 @@ async fn follow(
         let arrival = match next {
             None => Err(SettlerError::FollowerStopped(stream.name())),
             Some(Err(e)) => Err(e.into()),
-            Some(Ok(frame)) => {
-                let records = frame.decode(&codec).unwrap_or_else(|e| {
-                    tracing::warn!(stream = stream.name(), seq = frame.stream_sequence, error = %e, "skipping an undecodable frame");
-                    metrics::counter!("settler_undecodable_frames_total").increment(1);
-                    Vec::new()
-                });
-                Ok(Arrival {
+            Some(Ok(frame)) => match frame.decode(&codec) {
+                Ok(records) => Ok(Arrival {
                     stream,
                     sequence: frame.stream_sequence,
                     records,
-                })
-            }
+                }),
+                // The books must hold every PAYMENTS event: one this settler cannot read (say, written by a
+                // newer version) could be a settlement it would otherwise pay again.
+                Err(e) if stream == Stream::Payments => Err(SettlerError::UnreadablePayments {
+                    sequence: frame.stream_sequence,
+                    reason: e.to_string(),
+                }),
+                Err(e) => {
+                    tracing::warn!(stream = stream.name(), seq = frame.stream_sequence, error = %e, "skipping an undecodable frame");
+                    metrics::counter!("settler_undecodable_frames_total").increment(1);
+                    Ok(Arrival {
+                        stream,
+                        sequence: frame.stream_sequence,
+                        records: Vec::new(),
+                    })
+                }
+            },
         };
         let stop = arrival.is_err();
         if tx.send(arrival).await.is_err() || stop {

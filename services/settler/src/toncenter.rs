@@ -68,6 +68,10 @@ pub struct Transaction {
     pub fee: u64,
     /// Hash (base64) of the inbound message.
     pub in_msg_hash: Option<String>,
+    /// Whether the inbound message is external (no source): a wallet's signed request.
+    pub in_msg_external: bool,
+    /// The inbound message's body, a bag of cells (base64), when given.
+    pub in_msg_body: Option<String>,
     pub out_msgs: Vec<OutMessage>,
     /// Extra detail some servers give (the local TON server does): the compute and action phases.
     pub aborted: Option<bool>,
@@ -84,12 +88,16 @@ impl Transaction {
     }
 }
 
-/// The state of an account.
+/// The state of an account, as one node saw it at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountInfo {
     pub balance: u64,
     /// `active`, `uninitialized` or `frozen`.
     pub state: String,
+    /// The contract's data, a bag of cells (base64); empty unless active.
+    pub data: String,
+    /// The chain's time (Unix seconds) of the state this answer describes.
+    pub sync_utime: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -233,12 +241,23 @@ impl Toncenter {
             .map(|b| number("getAddressInformation", b))
             .transpose()?
             .unwrap_or(0);
-        let state = result
-            .get("state")
-            .and_then(Value::as_str)
-            .unwrap_or("uninitialized")
-            .to_owned();
-        Ok(AccountInfo { balance, state })
+        let text = |k: &str| {
+            result
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let state = match text("state") {
+            s if s.is_empty() => "uninitialized".to_owned(),
+            s => s,
+        };
+        Ok(AccountInfo {
+            balance,
+            state,
+            data: text("data"),
+            sync_utime: result.get("sync_utime").and_then(Value::as_u64),
+        })
     }
 
     /// Up to `limit` transactions of `address`, newest first, starting at `from` (lt, base64 hash)
@@ -329,9 +348,19 @@ struct RawTransactionId {
 }
 
 #[derive(Deserialize)]
+struct RawMessageData {
+    #[serde(default)]
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
 struct RawMessage {
     #[serde(default)]
     hash: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    msg_data: Option<RawMessageData>,
     #[serde(default)]
     destination: Option<String>,
     #[serde(default)]
@@ -392,6 +421,15 @@ impl RawTransaction {
                 .map(|f| number(M, f))
                 .transpose()?
                 .unwrap_or(0),
+            in_msg_external: self
+                .in_msg
+                .as_ref()
+                .is_some_and(|m| m.source.as_deref().unwrap_or_default().is_empty()),
+            in_msg_body: self
+                .in_msg
+                .as_ref()
+                .and_then(|m| m.msg_data.as_ref())
+                .and_then(|d| d.body.clone()),
             in_msg_hash: self.in_msg.and_then(|m| m.hash),
             out_msgs,
             aborted: description.aborted,

@@ -210,6 +210,34 @@ impl PoolWallet {
     }
 }
 
+/// The seqno in a wallet v5r1's data (a bag of cells, base64): `signature_allowed:bit seqno:u32 …`.
+pub fn seqno_from_data(data_boc_base64: &str) -> Option<u32> {
+    let root = BagOfCells::parse_base64(data_boc_base64)
+        .ok()?
+        .single_root()
+        .ok()?;
+    let mut parser = root.parser();
+    parser.load_bit().ok()?;
+    parser.load_u32(32).ok()
+}
+
+/// The seqno and valid_until a wallet v5r1 external message's body names (`0x7369676e wallet_id:i32
+/// valid_until:u32 seqno:u32 …`, base64 bag of cells); `None` for any other body.
+pub fn signed_request_seqno(body_boc_base64: &str) -> Option<(u32, u32)> {
+    let root = BagOfCells::parse_base64(body_boc_base64)
+        .ok()?
+        .single_root()
+        .ok()?;
+    let mut parser = root.parser();
+    if parser.load_u32(32).ok()? != 0x7369_676e {
+        return None;
+    }
+    parser.load_i32(32).ok()?;
+    let valid_until = parser.load_u32(32).ok()?;
+    let seqno = parser.load_u32(32).ok()?;
+    Some((seqno, valid_until))
+}
+
 /// Two addresses name the same account (whatever their flags or form).
 pub fn same_account(a: &str, b: &str) -> bool {
     match (TonAddress::from_str(a), TonAddress::from_str(b)) {

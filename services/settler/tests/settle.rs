@@ -681,3 +681,63 @@ async fn the_settler_process_stopped_at_each_step_and_restarted_pays_once() {
         assert_eq!(confirmations(&env.payments().await).len(), round + 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_seqno_another_message_used_is_rebuilt_and_paid_once() {
+    let mut env = Env::start(100 * TON).await;
+    let w = env.register("u1", 1_000_000, None).await;
+    let task = env.complete(&w, 1_000_000, 4_000).await;
+    // The settler's first send is lost, and it does not resend for a long while.
+    env.ton.set_drop_externals(true).await;
+    let mut config = test_config();
+    config.resend_interval = Duration::from_secs(600);
+    let running = env.spawn(config);
+    eventually("the settlement is sent", || async {
+        env.payments()
+            .await
+            .iter()
+            .any(|e| matches!(e, Event::SettlementSubmitted(_)))
+    })
+    .await;
+    let first = env
+        .payments()
+        .await
+        .into_iter()
+        .find_map(|e| match e {
+            Event::SettlementPrepared(p) => Some(p),
+            _ => None,
+        })
+        .unwrap();
+    // Someone else with the pool's key spends that seqno on another message.
+    env.ton.set_drop_externals(false).await;
+    let other = fresh_address();
+    let valid_until = (events::Timestamp::now().as_millis() / 1000 + 60) as u32;
+    let signed = PoolWallet::new(&env.key)
+        .unwrap()
+        .sign_transfers(first.wallet_seqno, valid_until, &[(&other, 1_000)], false)
+        .unwrap();
+    assert!(matches!(
+        env.toncenter().send_boc(&signed.boc).await.unwrap(),
+        settler::toncenter::SendOutcome::Accepted { .. }
+    ));
+    env.wait_all_paid().await;
+    running.stop().await;
+    let payments = env.payments().await;
+    assert!(
+        payments.iter().any(
+            |e| matches!(e, Event::SettlementExpired(x) if x.settlement_id == first.settlement_id)
+        ),
+        "the settlement whose seqno was used expired"
+    );
+    let paid_by = payments
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::SettlementPrepared(p) => Some(p),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(paid_by.payouts[0].task_ids, vec![task]);
+    assert_eq!(paid_by.wallet_seqno, first.wallet_seqno + 1);
+    env.assert_books_balance().await;
+}
