@@ -61,6 +61,9 @@ struct Args {
     /// Resend an unconfirmed, still acceptable message this often (milliseconds).
     #[arg(long, default_value_t = 5_000)]
     resend_interval_ms: u64,
+    /// Check an open settlement on chain this often (milliseconds; each check is a few API calls).
+    #[arg(long, default_value_t = 1_000)]
+    check_interval_ms: u64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9104).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -109,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
         },
         message_ttl: Duration::from_secs(args.message_ttl_s),
         resend_interval: Duration::from_millis(args.resend_interval_ms),
+        check_interval: Duration::from_millis(args.check_interval_ms),
         fault: args.fault,
         ..SettlerConfig::default()
     };

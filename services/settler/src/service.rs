@@ -75,8 +75,10 @@ pub struct SettlerConfig {
     /// After valid_until, wait this much longer before declaring a message expired (clock skew with the
     /// chain).
     pub expiry_grace: Duration,
-    /// How often batching and confirmation run.
+    /// How often batching runs.
     pub tick: Duration,
+    /// How often an open settlement is checked on chain (each check is a few API calls).
+    pub check_interval: Duration,
     /// At most this many wallet transactions are searched for a settlement's message per check.
     pub search_limit: u32,
     pub partitions: Partitions,
@@ -93,6 +95,7 @@ impl Default for SettlerConfig {
             resend_interval: Duration::from_secs(5),
             expiry_grace: Duration::from_secs(5),
             tick: Duration::from_millis(250),
+            check_interval: Duration::from_secs(1),
             search_limit: 400,
             partitions: Partitions::DEFAULT,
             fault: None,
@@ -187,6 +190,8 @@ struct Settler {
     unpriced: Vec<(Envelope, TaskCompleted)>,
     /// When each open settlement was last sent by this process.
     last_send: HashMap<SettlementId, Instant>,
+    /// When the open settlement was last checked on chain.
+    last_check: Option<Instant>,
     report: RunReport,
 }
 
@@ -235,6 +240,7 @@ pub async fn run(
         receipts: Vec::new(),
         unpriced: Vec::new(),
         last_send: HashMap::new(),
+        last_check: None,
         report: RunReport::default(),
     };
     let mut seen: HashMap<Stream, u64> = HashMap::new();
@@ -392,8 +398,16 @@ impl Settler {
         metrics::gauge!("settler_pending_nanoton").set(totals.pending as f64);
         metrics::gauge!("settler_in_flight_nanoton").set(totals.in_flight as f64);
         metrics::gauge!("settler_parked_nanoton").set(totals.parked as f64);
+        metrics::gauge!("settler_unpriced_completions").set(self.unpriced.len() as f64);
         let open = self.ledger.open_settlements().next().cloned();
         if let Some(open) = open {
+            if self
+                .last_check
+                .is_some_and(|at| at.elapsed() < self.config.check_interval)
+            {
+                return Ok(());
+            }
+            self.last_check = Some(Instant::now());
             return self.drive(&open).await;
         }
         let plan = self.ledger.plan(Timestamp::now(), &self.config.policy);

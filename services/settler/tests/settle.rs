@@ -72,6 +72,7 @@ fn test_config() -> SettlerConfig {
         resend_interval: Duration::from_millis(500),
         expiry_grace: Duration::from_millis(500),
         tick: Duration::from_millis(50),
+        check_interval: Duration::from_millis(100),
         ..SettlerConfig::default()
     }
 }
