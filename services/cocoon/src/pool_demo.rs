@@ -345,18 +345,10 @@ impl Services {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", path.display()))?;
-        println!(
-            "  started {name:<16} pid {:<8} log {}",
-            child.id().unwrap_or(0),
-            shown(&log)
-        );
-        self.running.push(Service {
-            name: name.to_owned(),
-            child,
-            log,
-            stop_signal,
-            is_agent: program == "node-agent",
-        });
+        self.adopt(name, child, log, stop_signal);
+        if let Some(s) = self.running.last_mut() {
+            s.is_agent = program == "node-agent";
+        }
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bus::{Bus, Publisher, PublisherConfig, provision_streams};
-use events::payments::SettlementConfirmed;
+use events::payments::{SettlementConfirmed, SettlementPrepared};
 use events::tasks::{TaskCompleted, Usage};
 use events::workers::{GpuInfo, WorkerRegistered};
 use events::{Event, EventRecord, GpuMillis, Nanoton, ProducerId, Stream, TaskId, WorkerId};
@@ -335,6 +335,16 @@ fn confirmed_payouts(payments: &[Event]) -> HashMap<WorkerId, u64> {
     paid
 }
 
+fn prepared(payments: &[Event]) -> Vec<&SettlementPrepared> {
+    payments
+        .iter()
+        .filter_map(|e| match e {
+            Event::SettlementPrepared(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
 fn confirmations(payments: &[Event]) -> Vec<&SettlementConfirmed> {
     payments
         .iter()
@@ -438,13 +448,7 @@ async fn a_batch_of_255_payouts_executes_in_one_transaction() {
     let confirmed = confirmations(&payments);
     assert_eq!(confirmed.len(), 1, "one settlement");
     assert!(confirmed[0].failed_transfers.is_empty());
-    let prepared: Vec<_> = payments
-        .iter()
-        .filter_map(|e| match e {
-            Event::SettlementPrepared(p) => Some(p),
-            _ => None,
-        })
-        .collect();
+    let prepared: Vec<_> = prepared(&payments);
     assert_eq!(prepared.len(), 1);
     assert_eq!(prepared[0].payouts.len(), 255);
     // On chain: one wallet transaction with 255 outgoing transfers.
@@ -528,13 +532,7 @@ async fn an_expired_message_goes_into_a_new_batch_and_is_paid_once() {
     env.wait_all_paid().await;
     running.stop().await;
     let payments = env.payments().await;
-    let prepared: Vec<_> = payments
-        .iter()
-        .filter_map(|e| match e {
-            Event::SettlementPrepared(p) => Some(p),
-            _ => None,
-        })
-        .collect();
+    let prepared: Vec<_> = prepared(&payments);
     assert!(prepared.len() >= 2, "rebuilt after expiring");
     let expired = prepared[0];
     let paid_by = prepared.last().unwrap();
@@ -700,15 +698,7 @@ async fn a_message_whose_seqno_another_message_used_is_rebuilt_and_paid_once() {
             .any(|e| matches!(e, Event::SettlementSubmitted(_)))
     })
     .await;
-    let first = env
-        .payments()
-        .await
-        .into_iter()
-        .find_map(|e| match e {
-            Event::SettlementPrepared(p) => Some(p),
-            _ => None,
-        })
-        .unwrap();
+    let first = prepared(&env.payments().await)[0].clone();
     // Someone else with the pool's key spends that seqno on another message.
     env.ton.set_drop_externals(false).await;
     let other = fresh_address();
@@ -730,14 +720,7 @@ async fn a_message_whose_seqno_another_message_used_is_rebuilt_and_paid_once() {
         ),
         "the settlement whose seqno was used expired"
     );
-    let paid_by = payments
-        .iter()
-        .rev()
-        .find_map(|e| match e {
-            Event::SettlementPrepared(p) => Some(p),
-            _ => None,
-        })
-        .unwrap();
+    let paid_by = *prepared(&payments).last().unwrap();
     assert_eq!(paid_by.payouts[0].task_ids, vec![task]);
     assert_eq!(paid_by.wallet_seqno, first.wallet_seqno + 1);
     env.assert_books_balance().await;
