@@ -249,9 +249,10 @@ impl Env {
         (received, fees)
     }
 
-    /// Waits until every worker's balance is what it earned.
+    /// Waits until every worker has received on chain what it earned, and the log confirms it (the chain
+    /// executes a message before the settler has seen and recorded it).
     async fn wait_all_paid(&self) {
-        eventually("every worker paid what it earned", || async {
+        eventually("every worker received what it earned", || async {
             for (worker, earned) in &self.earned {
                 let (received, _) = self.received_by(worker).await;
                 if received != *earned {
@@ -260,6 +261,11 @@ impl Env {
                 }
             }
             true
+        })
+        .await;
+        let earned: u64 = self.earned.values().sum();
+        eventually("the log confirms every payout", || async {
+            confirmed_payouts(&self.payments().await).values().sum::<u64>() == earned
         })
         .await;
     }
