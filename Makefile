@@ -5,7 +5,7 @@ CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 COCOON = $(TARGET_DIR)/debug/cocoon
 
-.PHONY: run test lint bench stack-up stack-down clean-stack ton-local-deps
+.PHONY: run test lint bench stack-up stack-down clean-stack ton-local-deps browser-deps
 
 ## run: start the embedded stack, provision the streams and migrate, then run the pool: the projector, an allocator
 ## (admitting unattested workers: development only) and node agents (simulated GPUs without an NVIDIA GPU) take a
@@ -15,9 +15,9 @@ run: stack-up ton-local-deps
 	$(COCOON) dev up
 	$(COCOON) dev pool
 
-## test: start the stack and run the whole test suite against real nats-server, Postgres and the TVM (the local
-## TON server over @ton/sandbox, installed from npm)
-test: stack-up ton-local-deps
+## test: start the stack and run the whole test suite against real nats-server, Postgres, the TVM (the local
+## TON server over @ton/sandbox, installed from npm) and headless Chromium (Debian's package, for the operator page)
+test: stack-up ton-local-deps browser-deps
 	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
 	npm test --prefix infra/ton-local
 	$(CARGO) nextest run --workspace --profile $${NEXTEST_PROFILE:-default}
@@ -34,6 +34,10 @@ bench:
 
 stack-up:
 	infra/stack.sh up
+
+## browser-deps: install Debian's chromium for the operator page's browser test (apt; sudo when not root)
+browser-deps:
+	infra/chromium.sh install
 
 ## ton-local-deps: install the local TON server's npm packages (pinned by its package-lock.json)
 ton-local-deps: infra/ton-local/node_modules/.package-lock.json

@@ -78,6 +78,11 @@ pub static MIGRATIONS: &[Migration] = &[
         "0010_counter_triggers_without_joins.sql"
     ),
     migration!(11, "payment_status", "0011_payment_status.sql"),
+    migration!(
+        12,
+        "settlements_by_preparation",
+        "0012_settlements_by_preparation.sql"
+    ),
 ];
 
 /// What a [`migrate`] call did.

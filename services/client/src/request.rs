@@ -106,6 +106,26 @@ pub enum InvalidRequest {
     },
 }
 
+impl InvalidRequest {
+    /// The JSON path of the field at fault, as a request file or the HTTP API spells it
+    /// (`requirements.gpu_count`, ...).
+    pub fn field(&self) -> &'static str {
+        match self {
+            InvalidRequest::ClientId(_) => "client_id",
+            InvalidRequest::Priority(_) => "priority",
+            InvalidRequest::NoGpus => "requirements.gpu_count",
+            InvalidRequest::ZeroTimeout | InvalidRequest::TimeoutTooLong(_) => "timeout_ms",
+            InvalidRequest::InputTooLarge { .. } => "input",
+            InvalidRequest::ModelTag(_) => "requirements.model_tag",
+            InvalidRequest::TooLarge {
+                field: "gpu_memory_mib",
+                ..
+            } => "requirements.gpu_memory_mib",
+            InvalidRequest::TooLarge { field, .. } => field,
+        }
+    }
+}
+
 impl TaskRequest {
     /// A request with the default requirements, priority and timeout, and no input.
     pub fn new(client_id: impl Into<String>, max_price_per_gpu_second: Nanoton) -> Self {
@@ -361,6 +381,31 @@ mod tests {
             change(&mut r);
             assert_eq!(r.validate().unwrap_err(), expected);
         }
+        let field = |change: &dyn Fn(&mut TaskRequest)| {
+            let mut r = ok();
+            change(&mut r);
+            r.validate().unwrap_err().field()
+        };
+        assert_eq!(field(&|r| r.client_id = "a.b".into()), "client_id");
+        assert_eq!(field(&|r| r.priority = 11), "priority");
+        assert_eq!(
+            field(&|r| r.requirements.gpu_count = 0),
+            "requirements.gpu_count"
+        );
+        assert_eq!(
+            field(&|r| r.requirements.gpu_memory_mib = u64::MAX),
+            "requirements.gpu_memory_mib"
+        );
+        assert_eq!(
+            field(&|r| r.requirements.model_tag = Some(String::new())),
+            "requirements.model_tag"
+        );
+        assert_eq!(
+            field(&|r| r.max_price_per_gpu_second = Nanoton(u64::MAX)),
+            "max_price_per_gpu_second"
+        );
+        assert_eq!(field(&|r| r.timeout_ms = 0), "timeout_ms");
+        assert_eq!(field(&|r| r.input = vec![0; MAX_INPUT_BYTES + 1]), "input");
         for bad in ["", "a.b", "results.*", "has space", &"x".repeat(65)] {
             let r = TaskRequest::new(bad, Nanoton(1));
             assert!(

@@ -265,7 +265,10 @@ impl Env {
         .await;
         let earned: u64 = self.earned.values().sum();
         eventually("the log confirms every payout", || async {
-            confirmed_payouts(&self.payments().await).values().sum::<u64>() == earned
+            confirmed_payouts(&self.payments().await)
+                .values()
+                .sum::<u64>()
+                == earned
         })
         .await;
     }

@@ -1,0 +1,54 @@
+//! The `api` binary: parses flags, sets up logging and signals, and serves [`api::serve`] until Ctrl-C or
+//! SIGTERM (a second signal exits at once).
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// The HTTP API of the Cocoon GPU pool (see services/api/CONTRACT.md).
+#[derive(Debug, Parser)]
+#[command(name = "api", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "COCOON_API_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// NATS server URL (comma-separated for a cluster).
+    #[arg(long, env = "NATS_URL", default_value = api::DEFAULT_NATS_URL)]
+    nats_url: String,
+    /// Postgres URL of the read models.
+    #[arg(long, env = "COCOON_DATABASE_URL", default_value = api::DEFAULT_DATABASE_URL, hide_env_values = true)]
+    database_url: String,
+    /// Postgres connections at most.
+    #[arg(long, default_value_t = 16)]
+    pg_pool_size: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = api::ApiConfig::new(args.nats_url, args.database_url);
+    config.listen = args.listen;
+    config.pg_pool_size = args.pg_pool_size;
+    tracing::info!(?config, "starting");
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        bus::stop_requested().await;
+        tracing::info!("stopping; a second signal exits at once");
+        on_signal.cancel();
+        bus::stop_requested().await;
+        std::process::exit(130);
+    });
+    api::serve(config, listener, cancel).await
+}
