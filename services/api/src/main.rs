@@ -23,6 +23,10 @@ struct Args {
     /// Postgres connections at most.
     #[arg(long, default_value_t = 16)]
     pg_pool_size: usize,
+    /// Serve a list answer again from memory for this long per URL (milliseconds; 0 turns it off). Reads with a
+    /// consistency token always go to the database.
+    #[arg(long, default_value_t = 500)]
+    hot_ttl_ms: u64,
 }
 
 #[tokio::main]
@@ -37,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = api::ApiConfig::new(args.nats_url, args.database_url);
     config.listen = args.listen;
     config.pg_pool_size = args.pg_pool_size;
+    config.hot_ttl = std::time::Duration::from_millis(args.hot_ttl_ms);
     tracing::info!(?config, "starting");
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
