@@ -306,6 +306,7 @@ pub fn router(state: AppState) -> Router {
         .route("/static/app.js", get(ops::app_js))
         .route("/static/app.css", get(ops::app_css))
         .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config().max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

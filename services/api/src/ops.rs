@@ -133,3 +133,8 @@ pub async fn openapi() -> Response {
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!("no route {}", uri.path()))
 }
+
+/// A route that exists, asked with a method it does not serve: 405 in the API's error shape.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{} does not serve {method}", uri.path()))
+}

@@ -1449,3 +1449,14 @@ async fn hot_list_reads_are_served_from_memory_briefly_and_tokens_bypass_them() 
     })
     .await;
 }
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_in_the_error_shape() {
+    let env = Env::start(false).await;
+    let r = env.get("/api/v1/nothing-here", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(error_of(&json_of(&r)).0, "not_found");
+    let r = env.post("/api/v1/stats", b"{}").await;
+    assert_eq!(r.status, 405, "{}", text(&r));
+    assert_eq!(error_of(&json_of(&r)).0, "method_not_allowed");
+}
