@@ -111,8 +111,10 @@ struct HotEntry {
     body: Bytes,
 }
 
-/// Entries kept at most; past it, expired ones are dropped, then everything if still full.
+/// Entries kept at most, and their bodies' bytes at most: past either, expired entries are dropped, then
+/// everything if still over. A body over an eighth of the byte budget is not kept.
 const HOT_ENTRIES: usize = 4_096;
+const HOT_BYTES: usize = 64 << 20;
 
 impl HotCache {
     pub fn new(ttl: Duration) -> Self {
@@ -131,11 +133,17 @@ impl HotCache {
     }
 
     fn put(&self, key: String, entry: HotEntry) {
+        if entry.body.len() > HOT_BYTES / 8 {
+            return;
+        }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= HOT_ENTRIES {
+        let bytes = |entries: &HashMap<String, HotEntry>| -> usize {
+            entries.values().map(|e| e.body.len()).sum()
+        };
+        if entries.len() >= HOT_ENTRIES || bytes(&entries) + entry.body.len() > HOT_BYTES {
             let ttl = self.ttl;
             entries.retain(|_, e| e.at.elapsed() < ttl);
-            if entries.len() >= HOT_ENTRIES {
+            if entries.len() >= HOT_ENTRIES || bytes(&entries) + entry.body.len() > HOT_BYTES {
                 entries.clear();
             }
         }

@@ -172,10 +172,22 @@ impl From<tokio_postgres::Error> for ApiError {
     /// A closed connection or an I/O failure is Postgres being unavailable; an error the server answered with is
     /// a query this build got wrong (or a database it does not match).
     fn from(e: tokio_postgres::Error) -> Self {
-        if e.code().is_some() {
-            ApiError::Internal(format!("read-model query failed: {e}"))
-        } else {
-            ApiError::Unavailable(format!("Postgres is unavailable: {e}"))
+        match e.code().map(|c| c.code()) {
+            // Connection exceptions, insufficient resources, operator intervention (shutdown, statement
+            // timeout): the database cannot serve now.
+            Some(code)
+                if code.starts_with("08") || code.starts_with("53") || code.starts_with("57") =>
+            {
+                ApiError::Unavailable(format!("Postgres is unavailable: {e}"))
+            }
+            Some(_) => ApiError::Internal(format!("read-model query failed: {e}")),
+            None if e.is_closed()
+                || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) =>
+            {
+                ApiError::Unavailable(format!("Postgres is unavailable: {e}"))
+            }
+            // No SQLSTATE and not the connection: a row this build could not decode.
+            None => ApiError::Internal(format!("read-model row could not be read: {e}")),
         }
     }
 }

@@ -90,6 +90,8 @@ pub struct ApiConfig {
     /// How long a list answer (`Cache-Control: max-age=1`) is served again from memory for the same URL
     /// (500 ms); zero turns the hot-read cache off. Reads with a consistency token always go to the database.
     pub hot_ttl: Duration,
+    /// Result streams (SSE) open at once at most (1,024); past it, 503 `unavailable`.
+    pub max_streams: usize,
     /// Largest request body (4 MiB).
     pub max_body_bytes: usize,
     /// Most tasks in one batch (1,000).
@@ -117,6 +119,7 @@ impl fmt::Debug for ApiConfig {
             .field("sse_keep_alive", &self.sse_keep_alive)
             .field("stats_ttl", &self.stats_ttl)
             .field("hot_ttl", &self.hot_ttl)
+            .field("max_streams", &self.max_streams)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_batch", &self.max_batch)
             .field("partitions", &self.partitions)
@@ -144,6 +147,7 @@ impl ApiConfig {
             sse_keep_alive: Duration::from_secs(15),
             stats_ttl: Duration::from_secs(1),
             hot_ttl: Duration::from_millis(500),
+            max_streams: 1_024,
             max_body_bytes: 4 * 1024 * 1024,
             max_batch: 1_000,
             partitions: Partitions::DEFAULT,
@@ -174,6 +178,7 @@ struct Inner {
     shutdown: CancellationToken,
     stats: stats::StatsCache,
     hot: cache::HotCache,
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl fmt::Debug for AppState {
@@ -229,6 +234,7 @@ impl AppState {
                 shutdown: CancellationToken::new(),
                 stats: stats::StatsCache::default(),
                 hot: cache::HotCache::new(config.hot_ttl),
+                streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams)),
             }),
         })
     }
@@ -261,6 +267,10 @@ impl AppState {
     /// Cancelled when the server shuts down: long-lived responses (result streams) end on it.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    pub(crate) fn streams(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.streams
     }
 
     pub(crate) fn hot_cache(&self) -> &cache::HotCache {

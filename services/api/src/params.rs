@@ -201,7 +201,19 @@ impl Cursor {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(text.trim())
             .map_err(|_| bad())?;
-        serde_json::from_slice(&bytes).map_err(|_| bad())
+        let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        // Times within years 1970–9999 and ids as the lists hand them out, so a crafted cursor is a 400, never a
+        // query Postgres refuses.
+        const MAX_MICROS: i64 = 253_402_300_799_000_000;
+        let time_ok = |at: i64| (0..=MAX_MICROS).contains(&at);
+        let id_ok = |id: &str| events::WorkerId::new(id).is_ok();
+        let valid = match &cursor {
+            Cursor::Tasks { at, .. } => at.is_none_or(time_ok),
+            Cursor::Settlements { at, .. } => time_ok(*at),
+            Cursor::Workers { id } => id_ok(id),
+            Cursor::Payouts { worker, .. } => id_ok(worker),
+        };
+        if valid { Ok(cursor) } else { Err(bad()) }
     }
 
     /// The `cursor` parameter, if given.
@@ -217,6 +229,37 @@ impl Cursor {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn crafted_cursors_are_refused_before_any_query() {
+        for cursor in [
+            Cursor::Tasks {
+                at: Some(i64::MAX),
+                id: uuid::Uuid::nil(),
+            },
+            Cursor::Settlements {
+                at: -9_000_000_000_000_000_000,
+                id: uuid::Uuid::nil(),
+            },
+            Cursor::Workers {
+                id: "a\u{0}b".into(),
+            },
+            Cursor::Payouts {
+                settlement: uuid::Uuid::nil(),
+                worker: "x y".into(),
+            },
+        ] {
+            assert!(
+                matches!(
+                    Cursor::decode(&cursor.encode()),
+                    Err(ApiError::InvalidCursor(_))
+                ),
+                "{cursor:?}"
+            );
+        }
+        let fine = Cursor::Workers { id: "w-1".into() };
+        assert_eq!(Cursor::decode(&fine.encode()).unwrap(), fine);
+    }
 
     fn params(pairs: &[(&str, &str)]) -> Params {
         Params::new(

@@ -108,48 +108,60 @@ pub async fn results(
             after: None,
         },
     };
+    // Each stream holds an ordered consumer on the server: at most `max_streams` at once.
+    let permit = state.streams().clone().try_acquire_owned().map_err(|_| {
+        ApiError::Unavailable(format!(
+            "{} result streams are open, the most this API serves; retry later",
+            state.config().max_streams
+        ))
+    })?;
     let results = ResultStream::open(&state.bus().jetstream, &client, resume.start)
         .await
         .map_err(|e| ApiError::Unavailable(format!("cannot follow the results: {e}")))?;
-    let events = stream::unfold((results, resume.after), |(mut results, after)| async move {
-        loop {
-            let item = results.next().await?;
-            let event = match item {
-                Ok(item) => {
-                    if after.is_some_and(|a| (item.stream_sequence, item.index) <= a) {
-                        continue;
-                    }
-                    Event::default()
-                        .id(format!("{}:{}", item.stream_sequence, item.index))
-                        .event("result")
-                        .json_data(result_json(&item))
-                        .unwrap_or_else(|_| Event::default().comment("unencodable result"))
-                }
-                Err(e) => {
-                    let sequence = match &e {
-                        ResultsError::Undecodable {
-                            stream_sequence, ..
+    let events = stream::unfold(
+        (results, resume.after, permit),
+        |(mut results, after, permit)| async move {
+            loop {
+                let item = results.next().await?;
+                let event = match item {
+                    Ok(item) => {
+                        if after.is_some_and(|a| (item.stream_sequence, item.index) <= a) {
+                            continue;
                         }
-                        | ResultsError::UnexpectedEvent {
-                            stream_sequence, ..
-                        } => Some(*stream_sequence),
-                        _ => None,
-                    };
-                    if sequence
-                        .zip(after)
-                        .is_some_and(|(seq, (after_seq, _))| seq < after_seq)
-                    {
-                        continue;
+                        Event::default()
+                            .id(format!("{}:{}", item.stream_sequence, item.index))
+                            .event("result")
+                            .json_data(result_json(&item))
+                            .unwrap_or_else(|_| Event::default().comment("unencodable result"))
                     }
-                    Event::default()
-                        .event("error")
-                        .json_data(json!({"stream_sequence": sequence, "message": e.to_string()}))
-                        .unwrap_or_else(|_| Event::default().comment("error"))
-                }
-            };
-            return Some((Ok::<_, Infallible>(event), (results, after)));
-        }
-    })
+                    Err(e) => {
+                        let sequence = match &e {
+                            ResultsError::Undecodable {
+                                stream_sequence, ..
+                            }
+                            | ResultsError::UnexpectedEvent {
+                                stream_sequence, ..
+                            } => Some(*stream_sequence),
+                            _ => None,
+                        };
+                        if sequence
+                            .zip(after)
+                            .is_some_and(|(seq, (after_seq, _))| seq < after_seq)
+                        {
+                            continue;
+                        }
+                        Event::default()
+                            .event("error")
+                            .json_data(
+                                json!({"stream_sequence": sequence, "message": e.to_string()}),
+                            )
+                            .unwrap_or_else(|_| Event::default().comment("error"))
+                    }
+                };
+                return Some((Ok::<_, Infallible>(event), (results, after, permit)));
+            }
+        },
+    )
     .take_until(state.shutdown().clone().cancelled_owned());
     let mut response = Sse::new(events)
         .keep_alive(

@@ -155,24 +155,29 @@ pub async fn get_stats(
     let mut params = Params::new(pairs);
     let consistency = Consistency::parse(&mut params, &headers, state.wait_limits())?;
     params.finish()?;
-    let mut fresh = false;
+    // With a token: any answer whose snapshot began after the wait ended reflects the position.
+    let mut reached: Option<Instant> = None;
     if let Some(token) = consistency.token {
         let projection = Projection::of(token.stream).ok_or_else(|| {
             ApiError::invalid_query("consistent_with", "the stream is not projected")
         })?;
         consistency::wait_for(&state, token, projection, Scope::All, consistency.wait).await?;
-        fresh = true;
+        reached = Some(Instant::now());
     }
     let ttl = state.config().stats_ttl;
     let mut cached = state.stats_cache().answer.lock().await;
-    if let Some((at, answer)) = cached.as_ref()
-        && !fresh
-        && at.elapsed() < ttl
-    {
-        return Ok(crate::json_response(StatusCode::OK, Some(SHORT), answer));
+    if let Some((started, answer)) = cached.as_ref() {
+        let usable = match reached {
+            Some(reached) => *started >= reached,
+            None => started.elapsed() < ttl,
+        };
+        if usable {
+            return Ok(crate::json_response(StatusCode::OK, Some(SHORT), answer));
+        }
     }
+    let started = Instant::now();
     let answer = compute(&state).await?;
-    *cached = Some((Instant::now(), answer.clone()));
+    *cached = Some((started, answer.clone()));
     drop(cached);
     Ok(crate::json_response(StatusCode::OK, Some(SHORT), &answer))
 }

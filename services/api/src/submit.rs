@@ -102,10 +102,30 @@ pub async fn submit_batch(
     let results = state.producer().submit_many(&requests).await;
     let mut tasks = Vec::with_capacity(results.len());
     let mut highest = 0;
+    let mut first_error: Option<ApiError> = None;
     for result in results {
-        let submitted = result.map_err(submit_error)?;
-        highest = highest.max(submitted.stream_sequence);
-        tasks.push(receipt(&submitted));
+        match result {
+            Ok(submitted) => {
+                highest = highest.max(submitted.stream_sequence);
+                tasks.push(receipt(&submitted));
+            }
+            Err(e) => {
+                let e = submit_error(e);
+                tasks.push(json!({"error": e.body()["error"].clone()}));
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        // Publishing failed part way: the items stored are in the log, so the answer says which, and a client
+        // retries only the others (retrying all would submit the stored ones twice).
+        let mut body = e.body();
+        body["tasks"] = Value::Array(tasks);
+        return Ok(crate::json_response(
+            e.status(),
+            Some(crate::cache::NO_STORE),
+            &body,
+        ));
     }
     Ok(crate::json_response(
         StatusCode::ACCEPTED,

@@ -1460,3 +1460,32 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     assert_eq!(r.status, 405, "{}", text(&r));
     assert_eq!(error_of(&json_of(&r)).0, "method_not_allowed");
 }
+
+#[tokio::test]
+async fn result_streams_are_limited_and_a_closed_one_frees_its_place() {
+    let env = Env::start_with(false, |c| c.max_streams = 1).await;
+    let first = SseClient::connect(&env.addr, "/api/v1/clients/acme/results", &[]).await;
+    assert_eq!(first.status, 200);
+    let r = env.get("/api/v1/clients/other/results", &[]).await;
+    assert_eq!(r.status, 503, "{}", text(&r));
+    assert_eq!(error_of(&json_of(&r)).0, "unavailable");
+    drop(first);
+    let second = eventually("the closed stream's place is free", || async {
+        let c = SseClient::connect(&env.addr, "/api/v1/clients/other/results", &[]).await;
+        (c.status == 200).then_some(c)
+    })
+    .await;
+    assert_eq!(second.status, 200);
+}
+
+#[tokio::test]
+async fn a_crafted_cursor_is_a_400_not_a_query_error() {
+    let env = Env::start(false).await;
+    // {"list":"settlements","at":-9000000000000000000,"id":"00000000-0000-0000-0000-000000000000"}
+    let cursor = "eyJsaXN0Ijoic2V0dGxlbWVudHMiLCJhdCI6LTkwMDAwMDAwMDAwMDAwMDAwMDAsImlkIjoiMDAwMDAwMDAtMDAwMC0wMDAwLTAwMDAtMDAwMDAwMDAwMDAwIn0";
+    let r = env
+        .get(&format!("/api/v1/settlements?cursor={cursor}"), &[])
+        .await;
+    assert_eq!(r.status, 400, "{}", text(&r));
+    assert_eq!(error_of(&json_of(&r)).0, "invalid_cursor");
+}
