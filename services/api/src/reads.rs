@@ -113,6 +113,21 @@ fn time(micros: Option<i64>) -> Value {
     micros.map_or(Value::Null, |m| Timestamp(m).to_string().into())
 }
 
+/// Runs a list query that asked for one row more than `limit`: the page's rows, and whether more follow.
+async fn page_rows(
+    client: &deadpool_postgres::Object,
+    text: &str,
+    sql: &Sql,
+    limit: u32,
+) -> Result<(Vec<tokio_postgres::Row>, bool), ApiError> {
+    let mut rows = client
+        .query(&client.prepare_cached(text).await?, &sql.refs())
+        .await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    Ok((rows, more))
+}
+
 /// A statement with positional parameters, built clause by clause.
 #[derive(Default)]
 struct Sql {
@@ -502,11 +517,7 @@ pub async fn list_workers(
         l
     );
     let client = state.pg().await?;
-    let mut rows = client
-        .query(&client.prepare_cached(&text).await?, &sql.refs())
-        .await?;
-    let more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
+    let (rows, more) = page_rows(&client, &text, &sql, limit).await?;
     let ids: Vec<String> = rows
         .iter()
         .map(|r| r.try_get::<_, String>(0))
@@ -619,11 +630,7 @@ pub async fn list_payouts(
         l
     );
     let client = state.pg().await?;
-    let mut rows = client
-        .query(&client.prepare_cached(&text).await?, &sql.refs())
-        .await?;
-    let more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
+    let (rows, more) = page_rows(&client, &text, &sql, limit).await?;
     let next = match (more, rows.last()) {
         (true, Some(last)) => Some(Cursor::Payouts {
             settlement: last.try_get(0)?,
@@ -715,11 +722,7 @@ pub async fn list_settlements(
         l
     );
     let client = state.pg().await?;
-    let mut rows = client
-        .query(&client.prepare_cached(&text).await?, &sql.refs())
-        .await?;
-    let more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
+    let (rows, more) = page_rows(&client, &text, &sql, limit).await?;
     let next = match (more, rows.last()) {
         (true, Some(last)) => Some(Cursor::Settlements {
             at: last.try_get(6)?,
