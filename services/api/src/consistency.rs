@@ -212,7 +212,37 @@ pub async fn wait_for(
 }
 
 /// The checkpoints of one (projection, stream), by partition; a missing row is 0.
+///
+/// Waiters share reads: a snapshot younger than half the poll interval is reused (checkpoints only move
+/// forward, so an older snapshot can only make a waiter wait longer, never answer early), and one read at a time
+/// runs, so a thousand waiters cost a query per interval, not a thousand.
 pub async fn read_checkpoints(
+    state: &AppState,
+    projection: Projection,
+    stream: Stream,
+) -> Result<BTreeMap<u16, u64>, ApiError> {
+    let fresh_for = state.config().consistency_poll / 2;
+    let mut shared = state.checkpoints().lock().await;
+    if let Some((at, snapshot)) = shared.get(&(projection.name(), stream.name()))
+        && at.elapsed() < fresh_for
+    {
+        return Ok(snapshot.clone());
+    }
+    let snapshot = query_checkpoints(state, projection, stream).await?;
+    metrics::counter!("cocoon_api_checkpoint_reads_total").increment(1);
+    shared.insert(
+        (projection.name(), stream.name()),
+        (Instant::now(), snapshot.clone()),
+    );
+    Ok(snapshot)
+}
+
+/// Checkpoints shared between waiters: by (projection, stream), when read and what.
+pub type SharedCheckpoints = tokio::sync::Mutex<
+    std::collections::HashMap<(&'static str, &'static str), (Instant, BTreeMap<u16, u64>)>,
+>;
+
+async fn query_checkpoints(
     state: &AppState,
     projection: Projection,
     stream: Stream,

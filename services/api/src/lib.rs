@@ -179,6 +179,7 @@ struct Inner {
     stats: stats::StatsCache,
     hot: cache::HotCache,
     streams: Arc<tokio::sync::Semaphore>,
+    checkpoints: consistency::SharedCheckpoints,
 }
 
 impl fmt::Debug for AppState {
@@ -235,6 +236,7 @@ impl AppState {
                 stats: stats::StatsCache::default(),
                 hot: cache::HotCache::new(config.hot_ttl),
                 streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams)),
+                checkpoints: Default::default(),
             }),
         })
     }
@@ -267,6 +269,10 @@ impl AppState {
     /// Cancelled when the server shuts down: long-lived responses (result streams) end on it.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    pub(crate) fn checkpoints(&self) -> &consistency::SharedCheckpoints {
+        &self.inner.checkpoints
     }
 
     pub(crate) fn streams(&self) -> &Arc<tokio::sync::Semaphore> {

@@ -1489,3 +1489,41 @@ async fn a_crafted_cursor_is_a_400_not_a_query_error() {
     assert_eq!(r.status, 400, "{}", text(&r));
     assert_eq!(error_of(&json_of(&r)).0, "invalid_cursor");
 }
+
+#[tokio::test]
+async fn many_waiting_reads_share_their_checkpoint_reads() {
+    // No projector: every token read waits its whole wait_ms and answers 504.
+    let env = Env::start(false).await;
+    let (ids, token) = env.submit(vec![task("waiters", 5)]).await;
+    let reads_before = checkpoint_reads(&env).await;
+    let waiters: Vec<_> = (0..50)
+        .map(|_| {
+            let (http, url) = (
+                env.http.clone(),
+                env.url(&format!(
+                    "/api/v1/tasks/{}?consistent_with={token}&wait_ms=600",
+                    ids[0]
+                )),
+            );
+            tokio::spawn(async move { http.get(&url, &[]).await.unwrap().status })
+        })
+        .collect();
+    for w in waiters {
+        assert_eq!(w.await.unwrap(), 504);
+    }
+    let reads = checkpoint_reads(&env).await - reads_before;
+    // Alone, 50 waiters polling every 20 ms for 600 ms would read about 1,500 times.
+    assert!(
+        (1..=500).contains(&reads),
+        "{reads} checkpoint reads for 50 waiters"
+    );
+}
+
+async fn checkpoint_reads(env: &Env) -> u64 {
+    text(&env.get("/metrics", &[]).await)
+        .lines()
+        .find(|l| l.starts_with("cocoon_api_checkpoint_reads_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
