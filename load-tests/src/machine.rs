@@ -52,3 +52,51 @@ pub fn clock_ticks() -> f64 {
             .unwrap_or(100.0)
     })
 }
+
+/// Busy CPU seconds of the whole machine (user, nice, system, irq, softirq) and stolen seconds, from /proc/stat.
+pub fn system_cpu_seconds() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| fields.get(i).copied().unwrap_or(0.0))
+        .sum::<f64>();
+    let steal = fields.get(7).copied().unwrap_or(0.0);
+    Some((busy / clock_ticks(), steal / clock_ticks()))
+}
+
+/// Busy CPU seconds of the whole machine (see [`system_cpu_seconds`]).
+pub fn system_busy_seconds() -> Option<f64> {
+    system_cpu_seconds().map(|(busy, _)| busy)
+}
+
+/// The machine in one line: CPUs and model, memory, kernel.
+pub fn description() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    format!(
+        "{} CPUs ({model}), {memory} memory, kernel {kernel}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
+}

@@ -22,7 +22,7 @@
 //!   compressed before the clock starts, 64 ack futures in flight; the ceiling of the server and the transport
 //!   for frames, i.e. what the publisher would reach if encoding, compression and its bookkeeping were free.
 
-use load_tests::machine::{clock_ticks, cpu_seconds, date_utc, find_server_pid};
+use load_tests::machine::{cpu_seconds, date_utc, find_server_pid};
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -406,11 +406,11 @@ async fn wait_for_quiet(args: &PublishArgs, budget: &mut Duration) {
     let window = Duration::from_secs(1);
     let mut announced = false;
     loop {
-        let Some(before) = system_cpu_seconds() else {
+        let Some(before) = load_tests::machine::system_cpu_seconds() else {
             return;
         };
         tokio::time::sleep(window).await;
-        let Some(after) = system_cpu_seconds() else {
+        let Some(after) = load_tests::machine::system_cpu_seconds() else {
             return;
         };
         let busy = (after.0 - before.0) / window.as_secs_f64();
@@ -442,7 +442,7 @@ async fn timed_run(
     server_pid: Option<u32>,
 ) -> anyhow::Result<RunResult> {
     reset_stream(js).await?;
-    let system_before = system_cpu_seconds();
+    let system_before = load_tests::machine::system_cpu_seconds();
     let cpu_before = (self_cpu_seconds(), server_pid.and_then(pid_cpu_seconds));
     let mut r = match scenario.kind {
         Kind::RawSingle => {
@@ -458,7 +458,7 @@ async fn timed_run(
         }
     };
     let cpu_after = (self_cpu_seconds(), server_pid.and_then(pid_cpu_seconds));
-    let system_after = system_cpu_seconds();
+    let system_after = load_tests::machine::system_cpu_seconds();
     r.client_cpu = cpu_after.0.unwrap_or(0.0) - cpu_before.0.unwrap_or(0.0);
     r.server_cpu = match (cpu_before.1, cpu_after.1) {
         (Some(b), Some(a)) => a - b,
@@ -1140,24 +1140,6 @@ impl Machine {
             kernel,
         }
     }
-}
-
-/// Busy CPU seconds of the whole machine (user, nice, system, irq, softirq) and stolen seconds, from /proc/stat.
-fn system_cpu_seconds() -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let busy = [0, 1, 2, 5, 6]
-        .iter()
-        .map(|&i| fields.get(i).copied().unwrap_or(0.0))
-        .sum::<f64>();
-    let steal = fields.get(7).copied().unwrap_or(0.0);
-    Some((busy / clock_ticks(), steal / clock_ticks()))
 }
 
 fn self_cpu_seconds() -> Option<f64> {

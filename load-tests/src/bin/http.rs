@@ -27,7 +27,7 @@ use bus::{Bus, Publisher, PublisherConfig, provision_streams};
 use clap::Parser;
 use client::{Producer, ProducerConfig, TaskRequest};
 use events::Nanoton;
-use load_tests::machine::{clock_ticks, cpu_seconds, date_utc, find_server_pid};
+use load_tests::machine::{cpu_seconds, date_utc, find_server_pid};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
     let stack = server_rt.block_on(Stack::start(&args, &projector_rt))?;
     let _ = writeln!(report, "# HTTP API load: `load-tests --bin http`\n");
     let _ = writeln!(report, "- date (UTC): {started}");
-    let _ = writeln!(report, "- machine: {}", machine());
+    let _ = writeln!(report, "- machine: {}", load_tests::machine::description());
     let _ = writeln!(
         report,
         "- {}; Postgres {}",
@@ -1117,7 +1117,7 @@ fn snapshot(nats_pid: Option<u32>) -> CpuSnapshot {
         threads,
         nats,
         postgres,
-        busy: system_busy_seconds().unwrap_or(0.0),
+        busy: load_tests::machine::system_busy_seconds().unwrap_or(0.0),
         others,
     }
 }
@@ -1235,29 +1235,13 @@ impl Cpu {
     }
 }
 
-fn system_busy_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let busy: f64 = [0, 1, 2, 5, 6]
-        .iter()
-        .map(|&i| fields.get(i).copied().unwrap_or(0.0))
-        .sum();
-    Some(busy / clock_ticks())
-}
-
 /// Waits (at most `max_wait_s`) until the machine is quiet: less than 10% of one CPU busy over a second.
 async fn wait_quiet(max_wait_s: u64) {
     let deadline = Instant::now() + Duration::from_secs(max_wait_s);
     loop {
-        let before = system_busy_seconds().unwrap_or(0.0);
+        let before = load_tests::machine::system_busy_seconds().unwrap_or(0.0);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let busy = system_busy_seconds().unwrap_or(0.0) - before;
+        let busy = load_tests::machine::system_busy_seconds().unwrap_or(0.0) - before;
         if busy < 0.10 {
             return;
         }
@@ -1268,30 +1252,6 @@ async fn wait_quiet(max_wait_s: u64) {
             return;
         }
     }
-}
-
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_owned())
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
-        .unwrap_or_else(|| "unknown".to_owned());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
-    format!(
-        "{} CPUs ({model}), {memory} memory, kernel {kernel}",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    )
 }
 
 fn nats_version() -> String {

@@ -38,7 +38,7 @@
 //! `project rebuild` publishes the events, lets a live projector catch up, then times
 //! `projector::ops::rebuild` of each projection (shadow build, catch-up, verification, swap).
 
-use load_tests::machine::{clock_ticks, cpu_seconds, date_utc, find_server_pid};
+use load_tests::machine::{cpu_seconds, date_utc, find_server_pid};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -745,7 +745,7 @@ impl CpuSnapshot {
                 .and_then(|p| cpu_seconds(&format!("/proc/{p}/stat")))
                 .unwrap_or(0.0),
             processes: all_processes(),
-            busy: system_busy_seconds().unwrap_or(0.0),
+            busy: load_tests::machine::system_busy_seconds().unwrap_or(0.0),
             nats_pid,
         }
     }
@@ -824,22 +824,6 @@ fn busiest_others(before: &BTreeMap<u32, (String, f64)>, own: u32, nats: Option<
         .join(", ")
 }
 
-fn system_busy_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let busy = [0, 1, 2, 5, 6]
-        .iter()
-        .map(|&i| fields.get(i).copied().unwrap_or(0.0))
-        .sum::<f64>();
-    Some(busy / clock_ticks())
-}
-
 /// Samples what the benchmark database's backends are doing every 20 ms (`pg_stat_activity`): a cheap profile
 /// of where Postgres time goes. `CPU` is an active backend with no wait event (running or runnable).
 struct Sampler {
@@ -903,9 +887,9 @@ impl Sampler {
 async fn wait_quiet() -> bool {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let before = system_busy_seconds().unwrap_or(0.0);
+        let before = load_tests::machine::system_busy_seconds().unwrap_or(0.0);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let busy = system_busy_seconds().unwrap_or(0.0) - before;
+        let busy = load_tests::machine::system_busy_seconds().unwrap_or(0.0) - before;
         if busy < 0.10 {
             return true;
         }
@@ -988,30 +972,6 @@ fn thousands(value: f64) -> String {
         out.push(c);
     }
     if v < 0 { format!("-{out}") } else { out }
-}
-
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_owned())
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
-        .unwrap_or_else(|| "unknown".to_owned());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
-    format!(
-        "{} CPUs ({model}), {memory} memory, kernel {kernel}",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    )
 }
 
 async fn postgres_version(client: &tokio_postgres::Client) -> String {
@@ -1184,7 +1144,7 @@ async fn e2e_benchmark(args: E2eArgs) -> anyhow::Result<()> {
         std::env::args().skip(2).collect::<Vec<_>>().join(" ")
     );
     let _ = writeln!(r, "- date (UTC): {started}, finished {}", date_utc());
-    let _ = writeln!(r, "- machine: {}", machine());
+    let _ = writeln!(r, "- machine: {}", load_tests::machine::description());
     let _ = writeln!(
         r,
         "- nats-server 2.15.1 (tests harness: JetStream file storage in a temp dir, loopback); Postgres: {pg_settings}"
@@ -2060,7 +2020,7 @@ async fn rebuild_benchmark(args: RebuildArgs) -> anyhow::Result<()> {
         std::env::args().skip(2).collect::<Vec<_>>().join(" ")
     );
     let _ = writeln!(r, "- date (UTC): {started}, finished {}", date_utc());
-    let _ = writeln!(r, "- machine: {}", machine());
+    let _ = writeln!(r, "- machine: {}", load_tests::machine::description());
     let _ = writeln!(
         r,
         "- nats-server 2.15.1 (tests harness, file storage); Postgres: {pg_settings}"

@@ -162,6 +162,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// 400: a cursor this API made for a different list.
+    pub fn cursor_of_another_list() -> Self {
+        ApiError::InvalidCursor("the cursor belongs to another list".into())
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         ApiError::Unavailable(format!("Postgres is unavailable: {e}"))

@@ -381,9 +381,7 @@ pub async fn list_tasks(
         None => None,
         Some(Cursor::Tasks { at, id }) => Some((at, id)),
         Some(_) => {
-            return Err(ApiError::InvalidCursor(
-                "the cursor belongs to another list".into(),
-            ));
+            return Err(ApiError::cursor_of_another_list());
         }
     };
     let fields = Fields::parse(&mut params, TASK_FIELDS)?;
@@ -472,9 +470,7 @@ pub async fn list_workers(
         None => None,
         Some(Cursor::Workers { id }) => Some(id),
         Some(_) => {
-            return Err(ApiError::InvalidCursor(
-                "the cursor belongs to another list".into(),
-            ));
+            return Err(ApiError::cursor_of_another_list());
         }
     };
     let fields = Fields::parse(&mut params, WORKER_FIELDS)?;
@@ -578,9 +574,7 @@ pub async fn list_payouts(
         None => None,
         Some(Cursor::Payouts { settlement, worker }) => Some((settlement, worker)),
         Some(_) => {
-            return Err(ApiError::InvalidCursor(
-                "the cursor belongs to another list".into(),
-            ));
+            return Err(ApiError::cursor_of_another_list());
         }
     };
     let fields = Fields::parse(&mut params, PAYOUT_FIELDS)?;
@@ -671,9 +665,7 @@ pub async fn list_settlements(
         None => None,
         Some(Cursor::Settlements { at, id }) => Some((at, id)),
         Some(_) => {
-            return Err(ApiError::InvalidCursor(
-                "the cursor belongs to another list".into(),
-            ));
+            return Err(ApiError::cursor_of_another_list());
         }
     };
     let fields = Fields::parse(&mut params, SETTLEMENT_FIELDS)?;

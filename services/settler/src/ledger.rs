@@ -12,7 +12,7 @@
 //! settlements and none is ever paid twice; one that would be (a bug, or a second settler writing without
 //! the stream fence) is recorded as an anomaly and left where it was.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -69,10 +69,6 @@ pub struct Settlement {
 }
 
 impl Settlement {
-    pub fn total(&self) -> Nanoton {
-        Nanoton(self.prepared.payouts.iter().map(|p| p.amount.0).sum())
-    }
-
     pub fn is_open(&self) -> bool {
         matches!(self.status, SettlementStatus::Open { .. })
     }
@@ -203,6 +199,8 @@ pub struct Ledger {
     /// The accruals that are pending or parked: all that batching looks at, however long the history.
     unsettled: HashSet<TaskId>,
     settlements: BTreeMap<SettlementId, Settlement>,
+    /// The settlements that have not ended, by (prepared at, id): what each tick looks at, however many ended.
+    open: BTreeSet<(Timestamp, SettlementId)>,
     payees: HashMap<WorkerId, Payee>,
     /// Why a registered worker's address cannot be paid (checked once per registration).
     unpayable: HashMap<WorkerId, String>,
@@ -256,10 +254,9 @@ impl Ledger {
 
     /// Settlements that have not ended, oldest first.
     pub fn open_settlements(&self) -> impl Iterator<Item = &Settlement> {
-        let mut open: Vec<&Settlement> =
-            self.settlements.values().filter(|s| s.is_open()).collect();
-        open.sort_by_key(|s| (s.prepared_at, s.prepared.settlement_id));
-        open.into_iter()
+        self.open
+            .iter()
+            .filter_map(|(_, id)| self.settlements.get(id))
     }
 
     pub fn anomalies(&self) -> &[String] {
@@ -285,7 +282,7 @@ impl Ledger {
                 _ => {}
             }
         }
-        for s in self.settlements.values().filter(|s| s.is_open()) {
+        for s in self.open_settlements() {
             let id = s.prepared.settlement_id;
             for task in s.prepared.payouts.iter().flat_map(|p| &p.task_ids) {
                 if let Some(a) = self.accruals.get(task)
@@ -384,6 +381,7 @@ impl Ledger {
                 status: SettlementStatus::Open { sends: 0 },
             },
         );
+        self.open.insert((at, s.settlement_id));
     }
 
     fn confirm(&mut self, c: &SettlementConfirmed, at: Timestamp) {
@@ -397,6 +395,7 @@ impl Ledger {
         if !settlement.is_open() {
             return;
         }
+        self.open.remove(&(settlement.prepared_at, c.settlement_id));
         settlement.status = SettlementStatus::Confirmed {
             failed: c.failed_transfers.clone(),
         };
@@ -436,6 +435,7 @@ impl Ledger {
         if !settlement.is_open() {
             return;
         }
+        self.open.remove(&(settlement.prepared_at, id));
         settlement.status = status;
         for payout in &settlement.prepared.payouts {
             for task in &payout.task_ids {
@@ -515,7 +515,7 @@ impl Ledger {
             });
         }
 
-        if self.settlements.values().any(Settlement::is_open) {
+        if !self.open.is_empty() {
             return plan;
         }
         let retry_after = micros(policy.failed_retry_after);

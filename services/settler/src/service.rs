@@ -320,8 +320,10 @@ impl Settler {
                 self.own_seqs.retain(|seq| *seq > read);
             }
             Stream::Workers => {
+                let mut registered = false;
                 for record in &arrival.records {
                     if let Event::WorkerRegistered(r) = &record.event {
+                        registered = true;
                         self.ledger.register(
                             r.worker_id.clone(),
                             Payee {
@@ -331,7 +333,8 @@ impl Settler {
                         );
                     }
                 }
-                if !self.unpriced.is_empty() {
+                // Heartbeats arrive every second: only a registration can price a waiting completion.
+                if registered && !self.unpriced.is_empty() {
                     for (envelope, completed) in std::mem::take(&mut self.unpriced) {
                         self.accrue(&envelope, &completed).await?;
                     }
@@ -428,7 +431,7 @@ impl Settler {
 
     async fn prepare(&mut self, batch: crate::ledger::Batch) -> Result<(), SettlerError> {
         let address = self.wallet.address();
-        let (seqno, deploy) = match self.chain_seqno(&address).await {
+        let (seqno, deploy) = match self.ton.seqno(&address).await {
             Ok(Some(seqno)) => (seqno, false),
             Ok(None) => match self.ton.account(&address).await {
                 Ok(info) if info.state == "uninitialized" && info.balance > 0 => (0, true),
@@ -745,10 +748,6 @@ impl Settler {
             from = Some((last.lt, last.hash.clone()));
         }
         Ok(Search::Inconclusive)
-    }
-
-    async fn chain_seqno(&self, address: &str) -> Result<Option<u32>, TonError> {
-        self.ton.seqno(address).await
     }
 
     /// A failed call to the TON API: logged and retried next tick (the state is unchanged).
