@@ -200,7 +200,7 @@ pub async fn settle_and_report(
     }
     writeln!(
         out,
-        "(on chain: the payout address's balance, which TON charges a storage fee from on each later transfer in)"
+        "(earned and paid count every run on this stack; the local chain starts empty each run, so \"on chain\" is this run's payouts, less the storage fee TON charges an account on each later transfer in)"
     )?;
     let wallet = chain.balance(&ton.wallet).await.map(Nanoton).ok();
     writeln!(
