@@ -15,7 +15,7 @@ use crate::envelope::Envelope;
 use crate::ids::ProducerId;
 use crate::payments::*;
 use crate::results::*;
-use crate::subjects::{Partitions, Stream, Subject};
+use crate::subjects::{Origin, Partitions, Stream, Subject};
 use crate::tasks::*;
 use crate::workers::*;
 
@@ -188,16 +188,55 @@ registry! {
 }
 
 impl Event {
-    /// The subject this event is published on: its key's partition, or its recipient.
+    /// Who may publish this event: fixed per event type (the subject's origin tokens).
+    pub fn origin(&self) -> Origin<'_> {
+        use Event as E;
+        match self {
+            E::TaskSubmitted(e) => Origin::Client(&e.client_id),
+            E::TaskStarted(e) => Origin::Worker(&e.worker_id),
+            E::TaskProgress(e) => Origin::Worker(&e.worker_id),
+            E::TaskCompleted(e) => Origin::Worker(&e.worker_id),
+            E::TaskFailed(e) => e
+                .worker_id
+                .as_ref()
+                .map_or(Origin::Operator, Origin::Worker),
+            E::TaskCancelled(_) => Origin::Operator,
+            E::TaskRequeued(_)
+            | E::TaskExpired(_)
+            | E::TaskRejected(_)
+            | E::TaskAllocated(_)
+            | E::AllocationRevoked(_)
+            | E::WorkerLost(_) => Origin::Allocator,
+            E::WorkerRegistered(e) => Origin::Worker(&e.worker_id),
+            E::WorkerHeartbeat(e) => Origin::Worker(&e.worker_id),
+            E::WorkerDraining(e) => Origin::Worker(&e.worker_id),
+            E::WorkerDeregistered(e) => Origin::Worker(&e.worker_id),
+            E::AttestationSubmitted(e) => Origin::Worker(&e.worker_id),
+            E::AttestationVerified(e) => Origin::Attestor(&e.worker_id),
+            E::AttestationRejected(e) => Origin::Attestor(&e.worker_id),
+            E::PaymentAccrued(_)
+            | E::SettlementPrepared(_)
+            | E::SettlementSubmitted(_)
+            | E::SettlementConfirmed(_)
+            | E::SettlementExpired(_)
+            | E::SettlementFailed(_)
+            | E::PayoutParked(_) => Origin::Settler,
+            E::TaskResult(e) => Origin::Worker(&e.worker_id),
+        }
+    }
+
+    /// The subject this event is published on: its key's partition and its origin, or its recipient.
     pub fn subject(&self, partitions: Partitions) -> Subject {
         use Event as E;
-        let task =
-            |id: &crate::ids::TaskId| Subject::keyed(Stream::Tasks, id.0.as_bytes(), partitions);
+        let origin = self.origin();
+        let task = |id: &crate::ids::TaskId| {
+            Subject::keyed(Stream::Tasks, id.0.as_bytes(), partitions, origin)
+        };
         let worker = |stream: Stream, id: &crate::ids::WorkerId| {
-            Subject::keyed(stream, id.as_str().as_bytes(), partitions)
+            Subject::keyed(stream, id.as_str().as_bytes(), partitions, origin)
         };
         let settlement = |id: &crate::ids::SettlementId| {
-            Subject::keyed(Stream::Payments, id.0.as_bytes(), partitions)
+            Subject::keyed(Stream::Payments, id.0.as_bytes(), partitions, origin)
         };
         match self {
             E::TaskSubmitted(e) => task(&e.task_id),
@@ -227,7 +266,7 @@ impl Event {
             E::SettlementExpired(e) => settlement(&e.settlement_id),
             E::SettlementFailed(e) => settlement(&e.settlement_id),
             E::PayoutParked(e) => worker(Stream::Payments, &e.worker_id),
-            E::TaskResult(e) => Subject::results(&e.client_id),
+            E::TaskResult(e) => Subject::results(&e.client_id, &e.worker_id),
         }
     }
 }

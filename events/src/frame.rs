@@ -144,6 +144,9 @@ pub enum DecodeError {
         #[source]
         source: PayloadError,
     },
+    /// An event claims another origin than its subject names (a publisher speaking for someone else).
+    #[error(transparent)]
+    WrongOrigin(#[from] crate::subjects::OriginError),
 }
 
 impl DecodeError {
@@ -158,6 +161,7 @@ impl DecodeError {
             DecodeError::BadCompression(_) => "bad_compression",
             DecodeError::Malformed(_) => "malformed",
             DecodeError::CountMismatch { .. } => "count_mismatch",
+            DecodeError::WrongOrigin(_) => "wrong_origin",
             DecodeError::Payload {
                 source: PayloadError::UnknownType { .. },
                 ..

@@ -31,5 +31,7 @@ pub use ids::{
     ClientId, CorrelationId, EventId, IdError, ProducerId, SettlementId, TaskId, WorkerId,
 };
 pub use money::{GpuMillis, Nanoton};
-pub use subjects::{Partition, Partitions, Stream, StreamDef, Subject};
+pub use subjects::{
+    Origin, OriginError, Partition, Partitions, Stream, StreamDef, Subject, check_origin,
+};
 pub use time::Timestamp;

@@ -1,9 +1,15 @@
 //! Streams, subjects and partitions: the only place where a subject string is spelled.
 //!
-//! Keyed streams (TASKS, WORKERS, ATTESTATIONS, PAYMENTS) are split into `<prefix>.<partition>` by a stable
-//! hash of the key, so every event of one task or worker lands on one subject and stays in order there, and
-//! consumers can take partitions in parallel. Addressed streams put the recipient's id as the last token
-//! instead: `allocations.<worker>`, `results.<client>`, so a worker or client subscribes to exactly its own.
+//! Keyed streams (TASKS, WORKERS, ATTESTATIONS, PAYMENTS) are split into `<prefix>.<partition>.<origin>` by a
+//! stable hash of the key, so every event of one task or worker lands in one partition and stays in order there,
+//! and consumers can take partitions in parallel (filter `<prefix>.<partition>.>`). Addressed streams put the
+//! recipient's id after the prefix instead: `allocations.<worker>`, `results.<client>.<origin>`, so a worker or
+//! client reads exactly its own.
+//!
+//! The origin tokens name who may publish the event ([`Origin`]): `worker.<id>`, `client.<id>`, `allocator`,
+//! `attestor.<worker>`, `settler`, `operator`. NATS permissions match on them (a worker's credentials may publish
+//! only `*.*.worker.<its id>`), and consumers check that every event in a frame has the origin its subject
+//! names ([`check_origin`]), so an event cannot claim another worker's or client's identity.
 
 use std::fmt;
 use std::time::Duration;
@@ -26,11 +32,11 @@ pub enum Stream {
 /// How a stream's subjects are formed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Addressing {
-    /// `<prefix>.<partition>`, partition = hash(key) mod partitions.
+    /// `<prefix>.<partition>.<origin>`, partition = hash(key) mod partitions.
     Partitioned,
-    /// `<prefix>.<worker id>`.
+    /// `<prefix>.<worker id>` (only the allocator publishes there).
     PerWorker,
-    /// `<prefix>.<client id>`.
+    /// `<prefix>.<client id>.<origin>`.
     PerClient,
     /// `<prefix>.<source stream prefix>`.
     PerSourceStream,
@@ -95,9 +101,22 @@ impl Stream {
         }
     }
 
-    /// The wildcard that captures every subject of the stream.
+    /// The wildcard that captures every subject of the stream (and nothing shorter: a message without its
+    /// partition and origin tokens has no stream, so its publish fails).
     pub fn filter(self) -> String {
-        format!("{}.*", self.prefix())
+        if self.has_origin() {
+            format!("{}.*.>", self.prefix())
+        } else {
+            format!("{}.*", self.prefix())
+        }
+    }
+
+    /// Whether the stream's subjects carry origin tokens (see [`Origin`]).
+    pub const fn has_origin(self) -> bool {
+        matches!(
+            self.addressing(),
+            Addressing::Partitioned | Addressing::PerClient
+        )
     }
 
     /// Parses a stream name (`TASKS`) or prefix (`tasks`), case-insensitively.
@@ -227,15 +246,26 @@ impl Subject {
         &self.0
     }
 
-    /// `<prefix>.<partition>` of a keyed stream.
-    pub fn partition(stream: Stream, partition: Partition) -> Subject {
+    /// `<prefix>.<partition>.<origin>` of a keyed stream.
+    pub fn partitioned(stream: Stream, partition: Partition, origin: Origin<'_>) -> Subject {
         debug_assert_eq!(stream.addressing(), Addressing::Partitioned);
-        Subject(format!("{}.{}", stream.prefix(), partition.0))
+        Subject(format!("{}.{}.{origin}", stream.prefix(), partition.0))
     }
 
-    /// `<prefix>.<partition of key>` of a keyed stream.
-    pub fn keyed(stream: Stream, key: &[u8], partitions: Partitions) -> Subject {
-        Subject::partition(stream, partition_of(key, partitions))
+    /// `<prefix>.<partition of key>.<origin>` of a keyed stream.
+    pub fn keyed(
+        stream: Stream,
+        key: &[u8],
+        partitions: Partitions,
+        origin: Origin<'_>,
+    ) -> Subject {
+        Subject::partitioned(stream, partition_of(key, partitions), origin)
+    }
+
+    /// `<prefix>.<partition>.>`: the filter of one partition of a keyed stream, whatever the origin.
+    pub fn partition_filter(stream: Stream, partition: Partition) -> String {
+        debug_assert_eq!(stream.addressing(), Addressing::Partitioned);
+        format!("{}.{}.>", stream.prefix(), partition.0)
     }
 
     /// `allocations.<worker>`: the only allocation subject a worker reads.
@@ -247,9 +277,19 @@ impl Subject {
         ))
     }
 
-    /// `results.<client>`: the only result subject a client reads.
-    pub fn results(client: &ClientId) -> Subject {
-        Subject(format!("{}.{}", Stream::Results.prefix(), client.as_str()))
+    /// `results.<client>.worker.<worker>`: a result for `client`, published by `worker`.
+    pub fn results(client: &ClientId, worker: &WorkerId) -> Subject {
+        Subject(format!(
+            "{}.{}.{}",
+            Stream::Results.prefix(),
+            client.as_str(),
+            Origin::Worker(worker)
+        ))
+    }
+
+    /// `results.<client>.>`: every result of one client, the only result filter a client may use.
+    pub fn results_filter(client: &ClientId) -> String {
+        format!("{}.{}.>", Stream::Results.prefix(), client.as_str())
     }
 
     /// `deadletters.<source stream prefix>`.
@@ -266,15 +306,96 @@ impl Subject {
         Stream::of_subject(&self.0)
     }
 
-    /// The partition number of a keyed-stream subject.
+    /// The partition number of a keyed-stream subject (or partition filter).
     pub fn partition_number(subject: &str) -> Option<Partition> {
-        let (prefix, last) = subject.split_once('.')?;
-        let stream = Stream::of_subject(prefix)?;
+        let mut tokens = subject.split('.');
+        let stream = Stream::of_subject(tokens.next()?)?;
         if stream.addressing() != Addressing::Partitioned {
             return None;
         }
-        last.parse().ok().map(Partition)
+        tokens.next()?.parse().ok().map(Partition)
     }
+
+    /// The origin tokens of a subject (what follows the partition or the client id), if its stream has them.
+    pub fn origin_tokens(subject: &str) -> Option<&str> {
+        let stream = Stream::of_subject(subject)?;
+        if !stream.has_origin() {
+            return None;
+        }
+        let mut parts = subject.splitn(3, '.');
+        parts.next()?;
+        parts.next()?;
+        parts.next()
+    }
+}
+
+/// Who may publish an event: the subject tokens after the partition (or the client id of RESULTS).
+///
+/// Fixed per event type (see `Event::origin`): NATS permissions are granted on these tokens, and
+/// consumers reject an event whose subject names another origin ([`check_origin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// A worker's node agent: its registration, telemetry, attestation quotes, task progress and results.
+    Worker(&'a WorkerId),
+    /// A producer submitting tasks for its client id.
+    Client(&'a ClientId),
+    /// The allocator: requeues, expiries, rejections, lost workers, placements.
+    Allocator,
+    /// The attestor's verdict about a worker (the worker's id, so an agent can follow its own verdicts).
+    Attestor(&'a WorkerId),
+    /// The settler: accruals and settlements.
+    Settler,
+    /// An operator (cancellations, and events without a worker to attribute them to).
+    Operator,
+}
+
+impl fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Worker(w) => write!(f, "worker.{}", w.as_str()),
+            Origin::Client(c) => write!(f, "client.{}", c.as_str()),
+            Origin::Allocator => f.write_str("allocator"),
+            Origin::Attestor(w) => write!(f, "attestor.{}", w.as_str()),
+            Origin::Settler => f.write_str("settler"),
+            Origin::Operator => f.write_str("operator"),
+        }
+    }
+}
+
+/// An event on a subject that names another origin than the event's own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "event {index} of the frame ({kind}) belongs to origin {expected:?} but came on {subject:?}"
+)]
+pub struct OriginError {
+    pub index: u32,
+    pub kind: &'static str,
+    pub subject: String,
+    pub expected: String,
+}
+
+/// Checks that every event of a frame received on `subject` has the origin the subject names. Subjects of
+/// streams without origin tokens (ALLOCATIONS: only the allocator may publish there; DEAD_LETTERS) pass.
+pub fn check_origin(subject: &str, records: &[crate::EventRecord]) -> Result<(), OriginError> {
+    let Some(stream) = Stream::of_subject(subject) else {
+        return Ok(());
+    };
+    if !stream.has_origin() {
+        return Ok(());
+    }
+    let actual = Subject::origin_tokens(subject).unwrap_or("");
+    for (index, record) in records.iter().enumerate() {
+        let expected = record.event.origin().to_string();
+        if expected != actual {
+            return Err(OriginError {
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                kind: record.event.kind(),
+                subject: subject.to_owned(),
+                expected,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for Subject {
@@ -319,15 +440,49 @@ mod tests {
     fn subjects_are_spelled_here() {
         let w = WorkerId::new("w1").unwrap();
         assert_eq!(Subject::allocations(&w).as_str(), "allocations.w1");
+        let c = ClientId::new("c1").unwrap();
         assert_eq!(
-            Subject::partition(Stream::Tasks, Partition(3)).as_str(),
-            "tasks.3"
+            Subject::partitioned(Stream::Tasks, Partition(3), Origin::Worker(&w)).as_str(),
+            "tasks.3.worker.w1"
+        );
+        assert_eq!(
+            Subject::partitioned(Stream::Tasks, Partition(3), Origin::Client(&c)).as_str(),
+            "tasks.3.client.c1"
+        );
+        assert_eq!(
+            Subject::partitioned(Stream::Payments, Partition(0), Origin::Settler).as_str(),
+            "payments.0.settler"
+        );
+        assert_eq!(
+            Subject::partitioned(Stream::Attestations, Partition(1), Origin::Attestor(&w)).as_str(),
+            "attestations.1.attestor.w1"
+        );
+        assert_eq!(
+            Subject::partition_filter(Stream::Tasks, Partition(3)),
+            "tasks.3.>"
+        );
+        assert_eq!(Subject::results(&c, &w).as_str(), "results.c1.worker.w1");
+        assert_eq!(Subject::results_filter(&c), "results.c1.>");
+        assert_eq!(Stream::Tasks.filter(), "tasks.*.>");
+        assert_eq!(Stream::Allocations.filter(), "allocations.*");
+        assert_eq!(
+            Subject::origin_tokens("tasks.3.worker.w1"),
+            Some("worker.w1")
+        );
+        assert_eq!(
+            Subject::origin_tokens("results.c1.worker.w1"),
+            Some("worker.w1")
+        );
+        assert_eq!(Subject::origin_tokens("allocations.w1"), None);
+        assert_eq!(
+            Subject::partition_number("tasks.3.allocator"),
+            Some(Partition(3))
         );
         assert_eq!(
             Subject::dead_letters(Stream::Tasks).as_str(),
             "deadletters.tasks"
         );
-        assert_eq!(Subject::partition_number("tasks.3"), Some(Partition(3)));
+        assert_eq!(Subject::partition_number("tasks.3.>"), Some(Partition(3)));
         assert_eq!(Subject::partition_number("allocations.3"), None);
         assert_eq!(Stream::parse("tasks"), Some(Stream::Tasks));
         assert_eq!(Stream::parse("PAYMENTS"), Some(Stream::Payments));

@@ -83,6 +83,7 @@ pub static MIGRATIONS: &[Migration] = &[
         "settlements_by_preparation",
         "0012_settlements_by_preparation.sql"
     ),
+    migration!(13, "reader_role", "0013_reader_role.sql"),
 ];
 
 /// What a [`migrate`] call did.

@@ -633,3 +633,52 @@ async fn worker_payments_classify_each_accrual_once() {
         ]
     );
 }
+
+#[tokio::test]
+async fn the_reader_role_reads_every_table_and_writes_none() {
+    let db = TestDb::create().await;
+    let client = migrated(&db).await;
+    client
+        .batch_execute("SET ROLE cocoon_reader")
+        .await
+        .unwrap();
+    for table in EXPECTED_TABLES.iter().chain(EXPECTED_VIEWS) {
+        client
+            .query(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("cocoon_reader cannot read {table}: {e}"));
+    }
+    assert_sql_state(
+        client
+            .execute(
+                "INSERT INTO dead_letters (projection, stream, subject, stream_sequence, reason, error_kind, payload) \
+                 VALUES ('p', 'TASKS', 'tasks.0.operator', 1, 'r', 'k', '\\x00')",
+                &[],
+            )
+            .await,
+        &SqlState::INSUFFICIENT_PRIVILEGE,
+        "insert as cocoon_reader",
+    );
+    assert_sql_state(
+        client.execute("DELETE FROM tasks", &[]).await,
+        &SqlState::INSUFFICIENT_PRIVILEGE,
+        "delete as cocoon_reader",
+    );
+    assert_sql_state(
+        client
+            .execute("UPDATE projection_checkpoints SET last_sequence = 0", &[])
+            .await,
+        &SqlState::INSUFFICIENT_PRIVILEGE,
+        "update as cocoon_reader",
+    );
+    // A table the owner creates later (a rebuild's shadow tables) is readable by default.
+    client
+        .batch_execute("RESET ROLE; CREATE TABLE later (x int)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SET ROLE cocoon_reader")
+        .await
+        .unwrap();
+    client.query("SELECT x FROM later", &[]).await.unwrap();
+}

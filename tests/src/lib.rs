@@ -340,12 +340,16 @@ impl NatsServer {
 
     /// One connection attempt; the ports file says the listener is up, this
     /// says the server also completes a handshake.
+    /// A server with users refuses the anonymous attempt after the handshake: that is ready too.
     async fn accepts_clients(&self) -> bool {
-        async_nats::ConnectOptions::new()
+        match async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(1))
             .connect(self.url())
             .await
-            .is_ok()
+        {
+            Ok(_) => true,
+            Err(e) => e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation,
+        }
     }
 
     /// The last lines of the server's output, for panic messages.

@@ -654,7 +654,7 @@ async fn heads(
             match stream.addressing() {
                 Addressing::Partitioned => {
                     for p in partitions.iter() {
-                        let subject = Subject::partition(stream, p).to_string();
+                        let subject = Subject::partition_filter(stream, p);
                         if let Ok(m) = s.get_last_raw_message_by_subject(&subject).await {
                             out.insert(key(i32::from(p.0)), m.sequence);
                         }

@@ -14,6 +14,10 @@ struct Args {
     /// NATS URL (comma-separated for a cluster).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// NATS credentials file (`user = ...`, `password = ...`, written by `cocoon auth init`); without it the
+    /// connection is unauthenticated (a development server without users).
+    #[arg(long, env = "COCOON_NATS_CREDENTIALS")]
+    nats_credentials: Option<std::path::PathBuf>,
     /// This instance's name: the lease holder and the producer of its events.
     #[arg(long, env = "ALLOCATOR_INSTANCE", default_value = "allocator-1")]
     instance: String,
@@ -70,7 +74,12 @@ async fn main() -> anyhow::Result<()> {
     if args.allow_unattested {
         tracing::warn!("pool policy: UNATTESTED workers are admitted (development only)");
     }
-    let bus = bus::Bus::connect(&bus::BusConfig::new(&args.nats_url, &args.instance)).await?;
+    let bus = bus::Bus::connect(
+        &bus::BusConfig::new(&args.nats_url, &args.instance).with_credentials(
+            bus::Credentials::load_optional(args.nats_credentials.as_deref())?,
+        ),
+    )
+    .await?;
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {

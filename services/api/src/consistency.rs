@@ -97,13 +97,13 @@ impl Projection {
     }
 }
 
-/// The checkpoint rows of a stream, with the subject each one covers: `<prefix>.<p>` for a partitioned stream,
-/// the whole stream (`<prefix>.*`, checkpoint partition 0) otherwise.
+/// The checkpoint rows of a stream, with the subjects each one covers: `<prefix>.<p>.>` for a partitioned
+/// stream, the whole stream (`<prefix>.>`, checkpoint partition 0) otherwise.
 pub fn checkpoint_subjects(stream: Stream, partitions: Partitions) -> Vec<(u16, String)> {
     match stream.addressing() {
         Addressing::Partitioned => partitions
             .iter()
-            .map(|p| (p.0, Subject::partition(stream, p).to_string()))
+            .map(|p| (p.0, Subject::partition_filter(stream, p)))
             .collect(),
         _ => vec![(0, stream.filter())],
     }

@@ -74,6 +74,8 @@ pub struct ApiConfig {
     /// Where `api` listens (the binary binds it; [`serve`] takes a bound listener).
     pub listen: SocketAddr,
     pub nats_url: String,
+    /// The NATS user to connect as (`bus::auth::Role::Api`); `None` on a server without users.
+    pub nats_credentials: Option<bus::Credentials>,
     pub database_url: String,
     /// Postgres connections at most.
     pub pg_pool_size: usize,
@@ -108,6 +110,7 @@ impl fmt::Debug for ApiConfig {
         f.debug_struct("ApiConfig")
             .field("listen", &self.listen)
             .field("nats_url", &self.nats_url)
+            .field("nats_credentials", &self.nats_credentials)
             .field(
                 "database_url",
                 &client::read_model::redact(&self.database_url),
@@ -139,6 +142,7 @@ impl ApiConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             nats_url: nats_url.into(),
+            nats_credentials: None,
             database_url: database_url.into(),
             pg_pool_size: 16,
             default_wait: Duration::from_millis(2_000),
@@ -214,7 +218,11 @@ impl AppState {
             .create_timeout(Some(Duration::from_secs(5)))
             .build()
             .context("building the Postgres pool")?;
-        let bus = bus::Bus::connect(&bus::BusConfig::new(&config.nats_url, "api")).await?;
+        let bus = bus::Bus::connect(
+            &bus::BusConfig::new(&config.nats_url, "api")
+                .with_credentials(config.nats_credentials.clone()),
+        )
+        .await?;
         let producer = client::Producer::from_bus(
             &bus,
             client::ProducerConfig {

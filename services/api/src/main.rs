@@ -17,6 +17,10 @@ struct Args {
     /// NATS server URL (comma-separated for a cluster).
     #[arg(long, env = "NATS_URL", default_value = api::DEFAULT_NATS_URL)]
     nats_url: String,
+    /// NATS credentials file (`user = ...`, `password = ...`, written by `cocoon auth init`); without it the
+    /// connection is unauthenticated (a development server without users).
+    #[arg(long, env = "COCOON_NATS_CREDENTIALS")]
+    nats_credentials: Option<std::path::PathBuf>,
     /// Postgres URL of the read models.
     #[arg(long, env = "COCOON_DATABASE_URL", default_value = api::DEFAULT_DATABASE_URL, hide_env_values = true)]
     database_url: String,
@@ -40,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = api::ApiConfig::new(args.nats_url, args.database_url);
     config.listen = args.listen;
+    config.nats_credentials = bus::Credentials::load_optional(args.nats_credentials.as_deref())?;
     config.pg_pool_size = args.pg_pool_size;
     config.hot_ttl = std::time::Duration::from_millis(args.hot_ttl_ms);
     tracing::info!(?config, "starting");

@@ -751,7 +751,7 @@ async fn the_operator_page_shows_live_pool_state() {
     stack.publish(&[prepared, submitted, confirmed]).await;
 
     // And a frame no projection can decode, which is dead-lettered.
-    let subject = Subject::partition(Stream::Tasks, Partition(0));
+    let subject = Subject::partitioned(Stream::Tasks, Partition(0), events::Origin::Operator);
     stack
         .js
         .publish(

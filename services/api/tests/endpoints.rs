@@ -1016,7 +1016,7 @@ async fn stats_report_tasks_queue_workers_money_and_projection_lag() {
         .await;
     env.bus
         .jetstream
-        .publish("tasks.3", "garbage".into())
+        .publish("tasks.3.operator", "garbage".into())
         .await
         .unwrap()
         .await

@@ -16,6 +16,10 @@ use tokio_util::sync::CancellationToken;
 struct Args {
     #[arg(long, env = "COCOON_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// NATS credentials file (`user = ...`, `password = ...`, written by `cocoon auth init`); without it the
+    /// connection is unauthenticated (a development server without users).
+    #[arg(long, env = "COCOON_NATS_CREDENTIALS")]
+    nats_credentials: Option<std::path::PathBuf>,
     /// Policy file (JSON): allowed MRTD and RTMR values, accepted TCB statuses, maximum validity.
     #[arg(long, env = "COCOON_ATTESTATION_POLICY")]
     policy: PathBuf,
@@ -130,9 +134,13 @@ async fn main() -> anyhow::Result<()> {
             "DEVELOPMENT: quotes with these report data are accepted without the key binding"
         );
     }
-    let bus = bus::Bus::connect(&bus::BusConfig::new(&args.nats_url, &args.instance))
-        .await
-        .context("is the stack running? start it with `cocoon dev up`")?;
+    let bus = bus::Bus::connect(
+        &bus::BusConfig::new(&args.nats_url, &args.instance).with_credentials(
+            bus::Credentials::load_optional(args.nats_credentials.as_deref())?,
+        ),
+    )
+    .await
+    .context("is the stack running? start it with `cocoon dev up`")?;
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {

@@ -61,9 +61,11 @@ impl ConsumerSpec {
     }
 
     fn config(&self) -> pull::Config {
+        let (filter_subject, filter_subjects) = filters(&self.filter_subjects);
         pull::Config {
             durable_name: Some(self.durable.clone()),
-            filter_subjects: self.filter_subjects.clone(),
+            filter_subject,
+            filter_subjects,
             deliver_policy: self.start,
             // One ack covers every earlier message: commit a batch, ack its last frame.
             ack_policy: AckPolicy::All,
@@ -107,10 +109,13 @@ pub struct ReceivedFrame {
 }
 
 impl ReceivedFrame {
-    /// The frame's events, or a typed error saying why the bytes are not a frame (dead-letter it).
+    /// The frame's events, or a typed error saying why the bytes are not a frame, or why its events do not
+    /// belong on its subject (an event whose origin is not the one its subject names): dead-letter it.
     pub fn decode(&self, codec: &CodecConfig) -> Result<Vec<EventRecord>, DecodeError> {
         let headers: FrameHeaders = crate::frame_headers(self.headers.as_ref())?;
-        events::decode_frame(codec, &headers, &self.body)
+        let records = events::decode_frame(codec, &headers, &self.body)?;
+        events::check_origin(&self.subject, &records)?;
+        Ok(records)
     }
 }
 
@@ -284,15 +289,29 @@ fn ordered_err(stream: Stream, e: &dyn std::fmt::Display) -> ConsumeError {
 }
 
 /// An ephemeral ordered consumer of `subjects` (all when empty) of `handle`'s stream from sequence `from`.
+/// One filter goes in `filter_subject`, several in `filter_subjects`: with one, the create request's subject
+/// names it (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), so NATS permissions can confine a user to
+/// consumers of its own subjects.
+fn filters(subjects: &[String]) -> (String, Vec<String>) {
+    match subjects {
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    }
+}
+
 async fn ordered_consumer(
     handle: &jetstream::stream::Stream,
     stream: Stream,
     subjects: Vec<String>,
     from: u64,
+    name: Option<String>,
 ) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig>, ConsumeError> {
+    let (filter_subject, filter_subjects) = filters(&subjects);
     handle
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subjects: subjects,
+            name,
+            filter_subject,
+            filter_subjects,
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: from.max(1),
             },
@@ -341,7 +360,7 @@ impl RangeReader {
                 end,
             });
         }
-        let consumer = ordered_consumer(&handle, stream, subjects, from).await?;
+        let consumer = ordered_consumer(&handle, stream, subjects, from, None).await?;
         if consumer.cached_info().num_pending == 0 {
             return Ok(Self {
                 messages: None,
@@ -417,8 +436,20 @@ impl Follower {
         subjects: Vec<String>,
         from: u64,
     ) -> Result<Self, ConsumeError> {
+        Self::open_named(js, stream, subjects, from, None).await
+    }
+
+    /// [`Follower::open`] with a consumer name chosen by the caller, for users whose permissions name the
+    /// consumers they may read (a worker's `verdicts-<worker>`).
+    pub async fn open_named(
+        js: &jetstream::Context,
+        stream: Stream,
+        subjects: Vec<String>,
+        from: u64,
+        name: Option<String>,
+    ) -> Result<Self, ConsumeError> {
         let handle = stream_of(js, stream).await?;
-        let consumer = ordered_consumer(&handle, stream, subjects, from).await?;
+        let consumer = ordered_consumer(&handle, stream, subjects, from, name).await?;
         let messages = consumer
             .messages()
             .await

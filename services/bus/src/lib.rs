@@ -10,11 +10,14 @@
 //! Services never build subjects or stream configs themselves: subjects come from `events::subjects`, stream
 //! settings from [`provision::stream_config`].
 
+pub mod auth;
 pub mod consumer;
 pub mod provision;
 pub mod publisher;
 
 use std::time::Duration;
+
+pub use auth::{Credentials, CredentialsError};
 
 pub use consumer::{
     ConsumeError, ConsumerSpec, FetchedBatch, Follower, FrameConsumer, RangeReader, ReadError,
@@ -32,6 +35,9 @@ pub struct BusConfig {
     pub name: String,
     /// How long JetStream API calls and publish acks may take.
     pub request_timeout: Duration,
+    /// The user to connect as (from a credentials file); `None` connects without authentication (a
+    /// development server without accounts).
+    pub credentials: Option<Credentials>,
 }
 
 impl BusConfig {
@@ -40,7 +46,15 @@ impl BusConfig {
             url: url.into(),
             name: name.into(),
             request_timeout: Duration::from_secs(10),
+            credentials: None,
         }
+    }
+
+    /// Connects as the user of `credentials` (see [`auth`]).
+    #[must_use]
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> Self {
+        self.credentials = credentials;
+        self
     }
 }
 
@@ -62,10 +76,18 @@ pub struct Bus {
 
 impl Bus {
     pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new()
             .name(&config.name)
-            .request_timeout(Some(config.request_timeout))
-            .connect(config.url.as_str())
+            .request_timeout(Some(config.request_timeout));
+        if let Some(c) = &config.credentials {
+            // Replies (publish acks, fetched messages) come to an inbox only this user may subscribe to.
+            options = options
+                .user_and_password(c.user.clone(), c.password().to_owned())
+                .custom_inbox_prefix(auth::inbox_prefix(&c.user));
+        }
+        let client = options
+            // async-nats parses a `&str` as one address; a cluster's comma-separated list must be split.
+            .connect(server_list(&config.url))
             .await
             .map_err(|source| ConnectError {
                 url: config.url.clone(),
@@ -80,6 +102,14 @@ impl Bus {
             .build(client.clone());
         Bus { client, jetstream }
     }
+}
+
+/// The addresses of a `nats://a:1,nats://b:2` list (blanks around commas ignored).
+fn server_list(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .collect()
 }
 
 /// Converts a NATS header map into the frame headers it carries.

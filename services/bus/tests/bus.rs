@@ -421,7 +421,7 @@ async fn undecodable_frames_come_back_as_typed_errors() {
     provision_streams(&bus.jetstream, 1).await.unwrap();
     // A raw message that is not a frame (no headers, garbage body).
     bus.jetstream
-        .publish("tasks.0", "garbage".into())
+        .publish("tasks.0.operator", "garbage".into())
         .await
         .unwrap()
         .await

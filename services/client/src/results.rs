@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use async_nats::jetstream::{
     self,
-    consumer::{DeliverPolicy, pull::OrderedConfig},
+    consumer::{DeliverPolicy, push::OrderedConfig},
 };
 use futures_util::StreamExt;
 
@@ -65,7 +65,7 @@ pub enum ResultsError {
 
 /// Follows the results addressed to one client, in stream order, until dropped.
 pub struct ResultStream {
-    messages: jetstream::consumer::pull::Ordered,
+    messages: jetstream::consumer::push::Ordered,
     codec: CodecConfig,
     ready: VecDeque<Result<ResultItem, ResultsError>>,
 }
@@ -79,7 +79,11 @@ impl std::fmt::Debug for ResultStream {
 }
 
 impl ResultStream {
-    /// Opens an ordered consumer on `results.<client>` starting at `start`.
+    /// Opens an ordered push consumer on `results.<client>.>` starting at `start`, delivering to this
+    /// connection's inbox. It is named (after the client), so the create request's subject carries the filter
+    /// and NATS permissions can confine a producer to its own results
+    /// (`$JS.API.CONSUMER.CREATE.RESULTS.*.results.<client>.>`); pushed to an inbox, it needs no permission to
+    /// pull from consumers by name (which would reach other consumers of RESULTS).
     pub async fn open(
         js: &jetstream::Context,
         client: &ClientId,
@@ -101,7 +105,13 @@ impl ResultStream {
         };
         let consumer = stream
             .create_consumer(OrderedConfig {
-                filter_subject: Subject::results(client).into(),
+                name: Some(format!(
+                    "results-{}-{}",
+                    client.as_str(),
+                    events::EventId::new().0.simple()
+                )),
+                filter_subject: Subject::results_filter(client),
+                deliver_subject: js.client().new_inbox(),
                 deliver_policy,
                 ..Default::default()
             })
@@ -148,7 +158,11 @@ impl ResultStream {
             i64::try_from(info.published.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX),
         );
         let decoded = bus::frame_headers(message.headers.as_ref())
-            .and_then(|h| events::decode_frame(&self.codec, &h, &message.payload));
+            .and_then(|h| events::decode_frame(&self.codec, &h, &message.payload))
+            .and_then(|records| {
+                events::check_origin(&message.subject, &records)?;
+                Ok(records)
+            });
         let records = match decoded {
             Ok(records) => records,
             Err(source) => {

@@ -84,7 +84,8 @@ async fn submit_publishes_the_requested_spec_on_the_task_partition() {
         Subject::keyed(
             Stream::Tasks,
             submitted.task_id.0.as_bytes(),
-            Partitions::DEFAULT
+            Partitions::DEFAULT,
+            events::Origin::Client(&client("acme"))
         )
     );
 
@@ -237,7 +238,7 @@ async fn result_stream_follows_one_client_in_order_and_resumes() {
     let garbage = bus
         .jetstream
         .publish(
-            Subject::results(&client("c2")).to_string(),
+            Subject::results(&client("c2"), &events::WorkerId::new("w1").unwrap()).to_string(),
             "not a frame".into(),
         )
         .await

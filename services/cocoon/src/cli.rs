@@ -32,6 +32,10 @@ pub struct Connection {
         hide_env_values = true
     )]
     pub database_url: String,
+    /// NATS credentials file (`user = ...`, `password = ...`, from `cocoon auth init`); an operator's for the
+    /// operator commands. Without it the connection is unauthenticated (the development server).
+    #[arg(long, env = "COCOON_NATS_CREDENTIALS", global = true)]
+    pub nats_credentials: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +83,34 @@ pub enum Command {
         #[command(subcommand)]
         command: PaymentsCommand,
     },
+    /// NATS users and permissions per role.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Write the server's users and permissions (`<dir>/auth.conf`, to `include` from the nats-server config)
+    /// and one credentials file per user (`<dir>/creds/<user>.creds`), both readable by their owner only.
+    /// Run again with more workers or producers to add them; existing passwords are kept. Reload the server
+    /// afterwards (`nats-server --signal reload`).
+    Init(AuthInitArgs),
+}
+
+/// `auth init`: where, and which workers and producers besides the services and the operator.
+#[derive(Debug, Clone, Args)]
+pub struct AuthInitArgs {
+    /// Directory to write into (created when missing).
+    #[arg(long)]
+    pub dir: std::path::PathBuf,
+    /// A worker id to make a user for (repeat the flag).
+    #[arg(long = "worker", value_name = "ID")]
+    pub workers: Vec<String>,
+    /// A producer's client id to make a user for (repeat the flag).
+    #[arg(long = "producer", value_name = "CLIENT_ID")]
+    pub producers: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -192,7 +192,11 @@ pub async fn dump(
             frame.stored_at,
         );
         let decoded = bus::frame_headers(frame.headers.as_ref())
-            .and_then(|h| events::decode_frame(&codec, &h, &frame.body));
+            .and_then(|h| events::decode_frame(&codec, &h, &frame.body))
+            .and_then(|records| {
+                events::check_origin(&frame.subject, &records)?;
+                Ok(records)
+            });
         match decoded {
             Err(e) => {
                 summary.undecodable += 1;

@@ -4,10 +4,11 @@
 //!   `results watch`), and the read models (`tasks get|list|watch`, `workers list`, `payments status`);
 //! - produces: sample events (`dev demo`), stream definitions (`provision`), frames of an export file,
 //!   republished as they were stored (`events import`), and `TaskSubmitted` (`tasks submit`, through `client`);
-//! - owns: nothing; it drives `infra/stack.sh` for the embedded stack and the `schemas` migrator, and `dev pool`
+//! - owns: nothing but the NATS users it writes (`auth init`); it drives `infra/stack.sh` for the embedded stack and the `schemas` migrator, and `dev pool`
 //!   runs the projector, an allocator and node agents as child processes for one sample workload;
 //! - guarantees: reading the log never moves a durable consumer and never acks anything.
 
+pub mod auth;
 pub mod cli;
 pub mod demo;
 pub mod dev;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::sync::Notify;
 
-use cli::{Cli, Command, DevCommand, EventsCommand};
+use cli::{AuthCommand, Cli, Command, DevCommand, EventsCommand};
 
 /// A stop request, passed to long commands (mini-redis style) instead of global signal state.
 #[derive(Debug, Clone, Default)]
@@ -118,6 +119,13 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
         Command::Payments { command } => {
             payments::run(&cli.conn, command, &mut std::io::stdout()).await
         }
+        Command::Auth {
+            command: AuthCommand::Init(args),
+        } => {
+            let written = auth::init_command(&args)?;
+            print!("{written}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate => {
             let report = dev::migrate(&cli.conn.database_url).await?;
             println!(
@@ -131,9 +139,10 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
 
 /// Connects to NATS with a clear error when nothing listens.
 pub async fn connect(conn: &cli::Connection) -> anyhow::Result<bus::Bus> {
-    bus::Bus::connect(&bus::BusConfig::new(&conn.nats_url, "cocoon-cli"))
-        .await
-        .with_context(
-            || "is the stack running? start it with `cocoon dev up` or `infra/stack.sh up`",
-        )
+    let credentials = bus::Credentials::load_optional(conn.nats_credentials.as_deref())?;
+    bus::Bus::connect(
+        &bus::BusConfig::new(&conn.nats_url, "cocoon-cli").with_credentials(credentials),
+    )
+    .await
+    .with_context(|| "is the stack running? start it with `cocoon dev up` or `infra/stack.sh up`")
 }

@@ -108,7 +108,7 @@ async fn export_then_import_into_a_fresh_server_reproduces_every_frame() {
     // An undecodable message travels too: export moves frames, not events.
     source
         .jetstream
-        .publish("tasks.1", "not a frame".into())
+        .publish("tasks.1.operator", "not a frame".into())
         .await
         .unwrap()
         .await
@@ -193,7 +193,7 @@ async fn filters_limit_what_is_exported() {
     let summary = export_to(
         &bus,
         Filter {
-            subjects: vec!["results.*".into()],
+            subjects: vec!["results.*.>".into()],
             ..Default::default()
         },
         &path,

@@ -199,20 +199,24 @@ impl Attester {
     }
 
     async fn follow_verdicts(&self, js: &async_nats::jetstream::Context) -> Option<bus::Follower> {
+        // Only the attestor's verdicts about this worker (`attestations.<p>.attestor.<worker>`): a worker's
+        // credentials may read nothing else of ATTESTATIONS.
         let subject = events::Subject::keyed(
             events::Stream::Attestations,
             self.worker.as_str().as_bytes(),
             self.publisher.config().partitions,
+            events::Origin::Attestor(&self.worker),
         );
         let from = bus::last_sequence(js, events::Stream::Attestations)
             .await
             .ok()?
             + 1;
-        match bus::Follower::open(
+        match bus::Follower::open_named(
             js,
             events::Stream::Attestations,
             vec![subject.to_string()],
             from,
+            Some(bus::auth::verdicts_consumer(&self.worker)),
         )
         .await
         {

@@ -25,6 +25,10 @@ struct Args {
     /// NATS URL; also read from NATS_URL. [default: nats://127.0.0.1:4222]
     #[arg(long, env = "COCOON_NATS_URL")]
     nats_url: Option<String>,
+    /// NATS credentials file (`user = ...`, `password = ...`, written by `cocoon auth init`); without it the
+    /// connection is unauthenticated (a development server without users).
+    #[arg(long, env = "COCOON_NATS_CREDENTIALS")]
+    nats_credentials: Option<std::path::PathBuf>,
     /// This worker's id (ASCII letters, digits, '-', '_'; at most 64 bytes).
     #[arg(long, env = "COCOON_WORKER_ID")]
     worker_id: String,
@@ -180,10 +184,11 @@ async fn main() -> anyhow::Result<()> {
         None => node_agent::attest::QuoteSource::detect(),
     };
 
-    let bus = Bus::connect(&BusConfig::new(
-        &nats_url,
-        format!("node-agent-{worker_id}"),
-    ))
+    let bus = Bus::connect(
+        &BusConfig::new(&nats_url, format!("node-agent-{worker_id}")).with_credentials(
+            bus::Credentials::load_optional(args.nats_credentials.as_deref())?,
+        ),
+    )
     .await
     .context("is the stack running? start it with `cocoon dev up`")?;
     let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default())?;

@@ -89,7 +89,7 @@ impl ConsumerPlan {
             Addressing::Partitioned => self
                 .partitions
                 .iter()
-                .map(|&p| Subject::partition(self.stream, events::Partition(p)).to_string())
+                .map(|&p| Subject::partition_filter(self.stream, events::Partition(p)))
                 .collect(),
             _ => vec![self.stream.filter()],
         }
@@ -189,9 +189,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             p.filter_subjects(),
-            vec!["tasks.1", "tasks.3", "tasks.5", "tasks.7"]
+            vec!["tasks.1.>", "tasks.3.>", "tasks.5.>", "tasks.7.>"]
         );
-        assert_eq!(p.partition_of("tasks.5"), 5);
+        assert_eq!(p.partition_of("tasks.5.worker.w1"), 5);
         assert_eq!(p.durable("projector"), "projector-tasks-tasks-2of2");
     }
 }

@@ -17,7 +17,7 @@ async fn metrics_report_events_batches_lag_and_dead_letters() {
     let bus = Bus::from_client(server.client().await, Duration::from_secs(5));
     provision_streams(&bus.jetstream, 1).await.unwrap();
     bus.jetstream
-        .publish("tasks.3", "garbage".into())
+        .publish("tasks.3.operator", "garbage".into())
         .await
         .unwrap()
         .await

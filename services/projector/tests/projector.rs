@@ -266,7 +266,7 @@ async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
     let env = env().await;
     env.bus
         .jetstream
-        .publish("tasks.0", "not a frame".into())
+        .publish("tasks.0.operator", "not a frame".into())
         .await
         .unwrap()
         .await
@@ -282,12 +282,48 @@ async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
     orphan.envelope.event_id = events::EventId::new();
     orphan.envelope.causation_id = None;
     publish(&env.bus, &[orphan]).await;
+    let orphan_seq = bus::last_sequence(&env.bus.jetstream, Stream::Attestations)
+        .await
+        .unwrap();
+    // And a forged completion: a well-formed TaskCompleted of one worker, published on another worker's
+    // subject (what a worker's credentials allow it to publish). It must not be applied.
+    let mut forged = records
+        .iter()
+        .find(|r| r.event.kind() == "TaskCompleted")
+        .unwrap()
+        .clone();
+    forged.envelope.event_id = events::EventId::new();
+    let events::Event::TaskCompleted(completed) = &mut forged.event else {
+        unreachable!()
+    };
+    completed.usage.gpu_millis = events::GpuMillis(999_999_999);
+    let impostor = events::WorkerId::new("impostor").unwrap();
+    let forged_subject = events::Subject::keyed(
+        Stream::Tasks,
+        completed.task_id.0.as_bytes(),
+        events::Partitions::DEFAULT,
+        events::Origin::Worker(&impostor),
+    );
+    let frame = events::encode_frame(events::CodecConfig::default(), &[forged]).unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in frame.headers.pairs() {
+        headers.insert(name, value.as_str());
+    }
+    let forged_seq = env
+        .bus
+        .jetstream
+        .publish_with_headers(forged_subject.to_string(), headers, frame.body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
     run_until_idle(config(&env, "public", "p")).await;
 
     let c = env.db.client().await;
     let rows = c
         .query(
-            "SELECT stream, stream_sequence, error_kind, reason FROM dead_letters ORDER BY stream",
+            "SELECT stream, stream_sequence, error_kind, reason FROM dead_letters ORDER BY stream, stream_sequence",
             &[],
         )
         .await
@@ -300,15 +336,30 @@ async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
         got[0],
         (
             "ATTESTATIONS".to_string(),
-            2,
+            i64::try_from(orphan_seq).unwrap(),
             "unappliable_event".to_string()
         )
     );
     assert_eq!(
-        got[1],
-        ("TASKS".to_string(), 1, "missing_header".to_string())
+        got[1..],
+        [
+            ("TASKS".to_string(), 1, "missing_header".to_string()),
+            (
+                "TASKS".to_string(),
+                i64::try_from(forged_seq).unwrap(),
+                "wrong_origin".to_string()
+            )
+        ]
     );
-    assert_eq!(got.len(), 2);
+    let forged_usage: i64 = c
+        .query_one(
+            "SELECT count(*) FROM tasks WHERE gpu_millis = 999999999",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(forged_usage, 0, "the forged completion was not applied");
     let tasks: i64 = c
         .query_one("SELECT count(*) FROM tasks", &[])
         .await
@@ -317,9 +368,9 @@ async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
     assert_eq!(tasks, 10, "frames after the poison one were applied");
 
     let mut dl = env.bus.jetstream.get_stream("DEAD_LETTERS").await.unwrap();
-    assert_eq!(dl.info().await.unwrap().state.messages, 2);
+    assert_eq!(dl.info().await.unwrap().state.messages, 3);
     let mut found = false;
-    for seq in 1..=2 {
+    for seq in 1..=3 {
         let headers = dl.get_raw_message(seq).await.unwrap().headers;
         if headers.get(projector::DL_STREAM).unwrap().as_str() == "ATTESTATIONS" {
             assert_eq!(
@@ -333,7 +384,10 @@ async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
                     .as_str()
                     .contains("causation")
             );
-            assert_eq!(headers.get(projector::DL_SEQUENCE).unwrap().as_str(), "2");
+            assert_eq!(
+                headers.get(projector::DL_SEQUENCE).unwrap().as_str(),
+                orphan_seq.to_string()
+            );
             found = true;
         }
     }

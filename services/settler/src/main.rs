@@ -18,6 +18,10 @@ struct Args {
     /// NATS URL (comma-separated for a cluster).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// NATS credentials file (`user = ...`, `password = ...`, written by `cocoon auth init`); without it the
+    /// connection is unauthenticated (a development server without users).
+    #[arg(long, env = "COCOON_NATS_CREDENTIALS")]
+    nats_credentials: Option<std::path::PathBuf>,
     /// The toncenter v2 API root, e.g. https://toncenter.com/api/v2 (or the local TON server's URL).
     #[arg(long, env = "COCOON_TONCENTER_URL")]
     toncenter_url: String,
@@ -118,7 +122,12 @@ async fn main() -> anyhow::Result<()> {
     };
     config.policy.validate()?;
     tracing::info!(wallet = %wallet.address(), api = %ton.base_url(), "settler starting");
-    let bus = bus::Bus::connect(&bus::BusConfig::new(&args.nats_url, &args.instance)).await?;
+    let bus = bus::Bus::connect(
+        &bus::BusConfig::new(&args.nats_url, &args.instance).with_credentials(
+            bus::Credentials::load_optional(args.nats_credentials.as_deref())?,
+        ),
+    )
+    .await?;
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {

@@ -23,6 +23,11 @@ pub enum KeyError {
     Read { path: String, reason: String },
     #[error("the environment variable {0} is not set")]
     MissingEnv(String),
+    /// Only the settler may read the key: a file others can read is refused, not used.
+    #[error(
+        "the pool key file {path} is readable by other users (mode {mode:04o}); run `chmod 600 {path}` and own it as the settler's user"
+    )]
+    Exposed { path: String, mode: u32 },
     #[error(
         "the pool key is neither 64 hex characters (an Ed25519 seed) nor a 24-word TON mnemonic: {0}"
     )]
@@ -93,11 +98,25 @@ impl PoolKey {
         Ok(Self { pair })
     }
 
+    /// Reads the key from a file that only its owner can read (mode 0600 or 0400).
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|e| KeyError::Read {
+        use std::os::unix::fs::PermissionsExt as _;
+        let read_error = |e: std::io::Error| KeyError::Read {
             path: path.display().to_string(),
             reason: e.to_string(),
-        })?;
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(read_error)?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Exposed {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
         Self::parse(&text)
     }
 
@@ -284,6 +303,25 @@ mod tests {
             PoolKey::from_env("COCOON_TEST_SURELY_UNSET_KEY"),
             Err(KeyError::MissingEnv(_))
         ));
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("cocoon-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pool.key");
+        std::fs::write(&path, "11".repeat(32)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = PoolKey::from_file(&path);
+        assert!(
+            matches!(refused, Err(KeyError::Exposed { mode: 0o644, .. })),
+            "{:?}",
+            refused.err()
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(PoolKey::from_file(&path).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

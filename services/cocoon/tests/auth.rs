@@ -1,0 +1,354 @@
+//! NATS permissions per role, against a real nats-server running the config that `cocoon auth init` writes:
+//! a task goes through the pool with every party on its own credentials (producer, allocator, worker), and
+//! what a role must not do is refused by the server (nothing of it reaches a stream or a reader).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bus::auth::Role;
+use bus::{Bus, Credentials, Publisher, PublisherConfig};
+use client::{Producer, ProducerConfig, ResultStream, StartAt, TaskRequest};
+use events::{ClientId, EventRecord, Nanoton, ProducerId, Stream, Subject, WorkerId};
+use tests::{NatsServer, TempDir};
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+/// A refused JetStream request gets no answer: how long to wait for the one that will not come.
+const REFUSED_WITHIN: Duration = Duration::from_millis(800);
+
+fn worker(id: &str) -> WorkerId {
+    WorkerId::new(id).unwrap()
+}
+
+fn client_id(id: &str) -> ClientId {
+    ClientId::new(id).unwrap()
+}
+
+/// A server with the users of `cocoon auth init` (workers w1, w2; producers c1, c2), and its config dir.
+struct Secured {
+    server: NatsServer,
+    dir: TempDir,
+}
+
+impl Secured {
+    async fn start() -> Secured {
+        let dir = TempDir::new("cocoon-auth");
+        cocoon::auth::init(
+            dir.path(),
+            &[worker("w1"), worker("w2")],
+            &[client_id("c1"), client_id("c2")],
+        )
+        .unwrap();
+        let main = dir.path().join("nats.conf");
+        std::fs::write(
+            &main,
+            format!("include \"{}\"\n", cocoon::auth::SERVER_FILE),
+        )
+        .unwrap();
+        let server = NatsServer::start_with_args(&["-c", main.to_str().unwrap()]).await;
+        Secured { server, dir }
+    }
+
+    fn credentials(&self, role: &Role) -> Credentials {
+        Credentials::load(&cocoon::auth::credentials_path(self.dir.path(), role)).unwrap()
+    }
+
+    /// Connects as `role`, the way `Bus::connect` does, collecting the server's errors (permission
+    /// violations are reported to the client asynchronously).
+    async fn connect(&self, role: &Role) -> (Bus, Errors) {
+        let c = self.credentials(role);
+        let errors = Errors::default();
+        let sink = errors.clone();
+        let client = async_nats::ConnectOptions::new()
+            .user_and_password(c.user.clone(), c.password().to_owned())
+            .custom_inbox_prefix(bus::auth::inbox_prefix(&c.user))
+            .event_callback(move |event| {
+                let sink = sink.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        sink.0.lock().unwrap().push(e.to_string());
+                    }
+                }
+            })
+            .connect(self.server.url())
+            .await
+            .unwrap();
+        (Bus::from_client(client, Duration::from_secs(5)), errors)
+    }
+}
+
+#[derive(Clone, Default)]
+struct Errors(Arc<Mutex<Vec<String>>>);
+
+impl Errors {
+    /// Waits until the server has reported a permission violation mentioning `subject`.
+    async fn wait_for_violation(&self, subject: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let seen = self.0.lock().unwrap().clone();
+            if seen
+                .iter()
+                .any(|e| e.to_lowercase().contains("permissions violation") && e.contains(subject))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no permissions violation for {subject}; server errors: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn messages(js: &jetstream::Context, stream: Stream) -> u64 {
+    js.get_stream(stream.name())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+/// A frame of `record` published raw on `subject` (as a client could, bypassing `Publisher`'s choice).
+async fn publish_raw(bus: &Bus, subject: &str, record: &EventRecord) {
+    let frame =
+        events::encode_frame(events::CodecConfig::default(), std::slice::from_ref(record)).unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in frame.headers.pairs() {
+        headers.insert(name, value.as_str());
+    }
+    bus.client
+        .publish_with_headers(subject.to_owned(), headers, frame.body.into())
+        .await
+        .unwrap();
+    bus.client.flush().await.unwrap();
+}
+
+fn heartbeat_of(w: &WorkerId) -> EventRecord {
+    EventRecord::new(
+        ProducerId::new("node-agent-test").unwrap(),
+        events::workers::WorkerHeartbeat {
+            worker_id: w.clone(),
+            sequence: 1,
+            gpus: vec![],
+            running_tasks: vec![],
+            latency_us: None,
+        },
+    )
+}
+
+#[tokio::test]
+async fn every_role_works_on_its_own_credentials_and_nothing_more() {
+    let secured = Secured::start().await;
+    let (operator, _) = secured.connect(&Role::Operator).await;
+    bus::provision_streams(&operator.jetstream, 1)
+        .await
+        .unwrap();
+
+    // A task through the pool, every party on its own credentials: producer c1, the allocator, worker w1.
+    let stop = CancellationToken::new();
+    let (allocator_bus, allocator_errors) = secured.connect(&Role::Allocator).await;
+    let mut allocator_config = allocator::AllocatorConfig {
+        instance: "allocator-auth".into(),
+        ..Default::default()
+    };
+    allocator_config.pool.allow_unattested = true;
+    let allocator = tokio::spawn(allocator::run(
+        allocator_bus,
+        allocator_config,
+        stop.clone(),
+    ));
+    let (w1_bus, w1_errors) = secured.connect(&Role::Worker(worker("w1"))).await;
+    let w1_publisher =
+        Publisher::new(w1_bus.jetstream.clone(), PublisherConfig::default()).unwrap();
+    let mut agent_config = node_agent::AgentConfig::new(worker("w1"));
+    agent_config.price_per_gpu_second = Nanoton(1_000);
+    let agent = tokio::spawn(node_agent::run(
+        agent_config,
+        w1_bus.clone(),
+        w1_publisher,
+        node_agent::GpuSource::simulated(&worker("w1"), 2),
+        Arc::new(node_agent::SimulatedExecutor::new(Duration::from_millis(
+            10,
+        ))),
+        stop.clone(),
+    ));
+    let (c1_bus, c1_errors) = secured.connect(&Role::Producer(client_id("c1"))).await;
+    let mut results = ResultStream::open(&c1_bus.jetstream, &client_id("c1"), StartAt::Beginning)
+        .await
+        .unwrap();
+    let producer = Producer::from_bus(&c1_bus, ProducerConfig::default()).unwrap();
+    let submitted = producer
+        .submit(&TaskRequest::new("c1", Nanoton(5_000)))
+        .await
+        .unwrap();
+    let item = tokio::time::timeout(DEADLINE, results.next())
+        .await
+        .expect("the result within the deadline")
+        .expect("the result stream goes on")
+        .unwrap();
+    assert_eq!(item.result.task_id, submitted.task_id);
+    assert_eq!(item.result.worker_id, worker("w1"));
+
+    // A worker's credentials cannot publish as another worker: the server refuses, the stream holds nothing.
+    let (w2_bus, w2_errors) = secured.connect(&Role::Worker(worker("w2"))).await;
+    let before = messages(&operator.jetstream, Stream::Workers).await;
+    let forged = heartbeat_of(&worker("w1"));
+    let w1_subject = forged.subject(events::Partitions::DEFAULT).to_string();
+    publish_raw(&w2_bus, &w1_subject, &forged).await;
+    w2_errors.wait_for_violation(&w1_subject).await;
+    // And an event claiming w1 on w2's own subject is refused by every consumer (wrong origin).
+    let w2_subject = Subject::keyed(
+        Stream::Workers,
+        b"w1",
+        events::Partitions::DEFAULT,
+        events::Origin::Worker(&worker("w2")),
+    )
+    .to_string();
+    publish_raw(&w2_bus, &w2_subject, &forged).await;
+    let stored = bus::read_events(
+        &operator.jetstream,
+        Stream::Workers,
+        vec![w2_subject.clone()],
+    )
+    .await;
+    assert!(
+        matches!(
+            stored,
+            Err(bus::ReadError::Decode {
+                source: events::DecodeError::WrongOrigin(_),
+                ..
+            })
+        ),
+        "{stored:?}"
+    );
+    assert_eq!(
+        messages(&operator.jetstream, Stream::Workers).await,
+        before + 1,
+        "only the frame on w2's own subject was stored"
+    );
+
+    // A worker cannot read another worker's allocations: no consumer on them, no direct read, no subscription.
+    let w1_allocations = Subject::allocations(&worker("w1")).to_string();
+    let stream = w2_bus
+        .jetstream
+        .get_stream(Stream::Allocations.name())
+        .await
+        .unwrap();
+    for (name, filter) in [
+        ("agent-w1", w1_allocations.clone()),
+        ("agent-w2", w1_allocations.clone()),
+        ("snoop", "allocations.>".to_owned()),
+    ] {
+        let attempt = tokio::time::timeout(
+            REFUSED_WITHIN,
+            stream.create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some(name.to_owned()),
+                filter_subject: filter.clone(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert!(
+            !matches!(attempt, Ok(Ok(_))),
+            "w2 made the consumer {name} on {filter}"
+        );
+    }
+    let direct = tokio::time::timeout(
+        REFUSED_WITHIN,
+        stream.get_last_raw_message_by_subject(&w1_allocations),
+    )
+    .await;
+    assert!(!matches!(direct, Ok(Ok(_))), "w2 read w1's last allocation");
+    let _refused = w2_bus
+        .client
+        .subscribe(w1_allocations.clone())
+        .await
+        .unwrap();
+    w2_errors.wait_for_violation(&w1_allocations).await;
+    // Its own consumer works (what its agent uses).
+    let own = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(bus::auth::agent_durable(&worker("w2"))),
+            filter_subject: Subject::allocations(&worker("w2")).to_string(),
+            ..Default::default()
+        })
+        .await;
+    assert!(own.is_ok(), "{own:?}");
+
+    // A producer cannot publish allocations, nor anything as a worker or as another client.
+    let allocations_before = messages(&operator.jetstream, Stream::Allocations).await;
+    let tasks_before = messages(&operator.jetstream, Stream::Tasks).await;
+    let placement = "allocations.w1";
+    publish_raw(&c1_bus, placement, &heartbeat_of(&worker("w1"))).await;
+    c1_errors.wait_for_violation(placement).await;
+    let as_c2 = Subject::keyed(
+        Stream::Tasks,
+        b"x",
+        events::Partitions::DEFAULT,
+        events::Origin::Client(&client_id("c2")),
+    )
+    .to_string();
+    publish_raw(&c1_bus, &as_c2, &heartbeat_of(&worker("w1"))).await;
+    c1_errors.wait_for_violation(&as_c2).await;
+    assert_eq!(
+        messages(&operator.jetstream, Stream::Allocations).await,
+        allocations_before
+    );
+    assert_eq!(
+        messages(&operator.jetstream, Stream::Tasks).await,
+        tasks_before
+    );
+
+    // And a producer reads only its own results.
+    let (c2_bus, _) = secured.connect(&Role::Producer(client_id("c2"))).await;
+    let theirs = tokio::time::timeout(
+        REFUSED_WITHIN * 2,
+        ResultStream::open(&c2_bus.jetstream, &client_id("c1"), StartAt::Beginning),
+    )
+    .await;
+    assert!(!matches!(theirs, Ok(Ok(_))), "c2 opened c1's results");
+
+    // The parties that did their own work drew no violation.
+    for (who, errors) in [("allocator", &allocator_errors), ("w1", &w1_errors)] {
+        let seen = errors.0.lock().unwrap().clone();
+        assert!(seen.is_empty(), "{who}: {seen:?}");
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(DEADLINE, agent).await;
+    let _ = tokio::time::timeout(DEADLINE, allocator).await;
+}
+
+#[tokio::test]
+async fn init_keeps_passwords_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("cocoon-auth-files");
+    let first = cocoon::auth::init(dir.path(), &[worker("w1")], &[]).unwrap();
+    let w1 = Role::Worker(worker("w1"));
+    let before = Credentials::load(&cocoon::auth::credentials_path(dir.path(), &w1)).unwrap();
+    // Again with one more worker: w1 keeps its password, w2 is added, and so is every earlier user.
+    let second = cocoon::auth::init(dir.path(), &[worker("w2")], &[]).unwrap();
+    let after = Credentials::load(&cocoon::auth::credentials_path(dir.path(), &w1)).unwrap();
+    assert_eq!(before, after);
+    assert_eq!(second.credentials.len(), first.credentials.len() + 1);
+    let text = std::fs::read_to_string(&second.server_config).unwrap();
+    assert!(text.contains("\"worker-w1\"") && text.contains("\"worker-w2\""));
+    for path in
+        std::iter::once(&second.server_config).chain(second.credentials.iter().map(|(_, p)| p))
+    {
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
+    // A bad id is refused with what was wrong.
+    let bad = cocoon::auth::init_command(&cocoon::cli::AuthInitArgs {
+        dir: dir.path().to_owned(),
+        workers: vec!["no.dots".into()],
+        producers: vec![],
+    })
+    .unwrap_err();
+    assert!(format!("{bad:#}").contains("no.dots"), "{bad:#}");
+}
