@@ -16,10 +16,12 @@ run: stack-up ton-local-deps
 	$(COCOON) dev pool
 
 ## test: start the stack and run the whole test suite against real nats-server, Postgres, the TVM (the local
-## TON server over @ton/sandbox, installed from npm) and headless Chromium (Debian's package, for the operator page)
+## TON server over @ton/sandbox, installed from npm) and headless Chromium (Debian's package, for the operator page);
+## first the deploy manifests and dashboards are checked against their schemas and the code (infra/check.sh)
 test: stack-up ton-local-deps browser-deps
 	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
 	npm test --prefix infra/ton-local
+	infra/check.sh
 	$(CARGO) nextest run --workspace --profile $${NEXTEST_PROFILE:-default}
 
 ## lint: formatting and clippy, as CI runs them
