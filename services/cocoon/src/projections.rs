@@ -19,8 +19,10 @@ fn projection(name: &str) -> anyhow::Result<Projection> {
     })
 }
 
-fn config(conn: &Connection) -> ProjectorConfig {
-    ProjectorConfig::new(&conn.nats_url, &conn.database_url)
+fn config(conn: &Connection) -> anyhow::Result<ProjectorConfig> {
+    let mut config = ProjectorConfig::new(&conn.nats_url, &conn.database_url);
+    config.nats_credentials = bus::Credentials::load_optional(conn.nats_credentials.as_deref())?;
+    Ok(config)
 }
 
 fn print_progress(p: Progress) {
@@ -116,7 +118,7 @@ pub async fn run(conn: &Connection, command: ProjectionsCommand) -> anyhow::Resu
         }
         ProjectionsCommand::Rebuild { name } => {
             let projection = projection(&name)?;
-            match ops::rebuild(&config(conn), projection, &mut print_progress).await {
+            match ops::rebuild(&config(conn)?, projection, &mut print_progress).await {
                 Ok(report) => {
                     println!(
                         "rebuilt {} in {:.1}s; verified and swapped; previous tables kept in schema {}",
@@ -172,7 +174,7 @@ pub async fn replay(conn: &Connection, args: &ReplayArgs) -> anyhow::Result<Exit
     let projection = projection(&args.projection)?;
     let stream =
         Stream::parse(&args.stream).with_context(|| format!("unknown stream {:?}", args.stream))?;
-    let config = config(conn);
+    let config = config(conn)?;
     let from = match (&args.since, args.from_seq) {
         (Some(since), _) => {
             let t = parse_instant(since, Timestamp::now())?;

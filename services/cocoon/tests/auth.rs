@@ -313,6 +313,41 @@ async fn every_role_works_on_its_own_credentials_and_nothing_more() {
     .await;
     assert!(!matches!(theirs, Ok(Ok(_))), "c2 opened c1's results");
 
+    // The projector projects every stream on its own credentials (and dead-letters the forged frame).
+    let db = tests::TestDb::create().await;
+    let mut projector_config = projector::ProjectorConfig::new(secured.server.url(), db.url());
+    projector_config.nats_credentials = Some(secured.credentials(&Role::Projector));
+    tokio::time::timeout(
+        DEADLINE,
+        projector::run(projector_config, CancellationToken::new(), true),
+    )
+    .await
+    .expect("the projector drains within the deadline")
+    .unwrap();
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT status, worker_id FROM tasks WHERE task_id = $1",
+            &[&submitted.task_id.0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, String>(0), "completed");
+    assert_eq!(rows[0].get::<_, Option<String>>(1).as_deref(), Some("w1"));
+    let wrong_origin: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM dead_letters WHERE error_kind = 'wrong_origin'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(wrong_origin, 1, "w2's frame claiming w1 is dead-lettered");
+
     // The parties that did their own work drew no violation.
     for (who, errors) in [("allocator", &allocator_errors), ("w1", &w1_errors)] {
         let seen = errors.0.lock().unwrap().clone();

@@ -1,7 +1,8 @@
 //! `projector`: builds the Postgres read models from the event log, exactly once.
 //!
 //! - consumes: every event stream (TASKS, ALLOCATIONS, RESULTS, WORKERS, ATTESTATIONS, PAYMENTS), through
-//!   one durable pull consumer per (projection, stream, partition set);
+//!   one durable pull consumer per (projection, stream, partition set); several processes can share the
+//!   partitions ([`instance`]);
 //! - produces: dead letters (DEAD_LETTERS stream and `dead_letters` table) for frames it cannot apply;
 //! - owns: the read-model tables of its projections, their checkpoints, and the dashboard counters (kept by
 //!   triggers on those tables);
@@ -11,6 +12,7 @@
 //!   interleaving of streams (see [`fold`]).
 
 pub mod fold;
+pub mod instance;
 pub mod metrics;
 pub mod ops;
 pub mod projection;
@@ -24,6 +26,7 @@ use anyhow::Context as _;
 use events::{CodecConfig, Partitions};
 use tokio_util::sync::CancellationToken;
 
+pub use instance::{Instance, InstanceError, instance_plan};
 pub use projection::{ConsumerPlan, Projection, plan};
 
 /// Dead-letter headers: where the frame came from and why it could not be applied.
@@ -38,12 +41,16 @@ pub const DL_REASON: &str = "Cocoon-DL-Reason";
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
     pub nats_url: String,
+    /// The NATS user to connect as (`bus::auth::Role::Projector`); `None` on a server without users.
+    pub nats_credentials: Option<bus::Credentials>,
     pub database_url: String,
     /// Schema the read models live in (a rebuild writes a shadow schema).
     pub schema: String,
     pub projections: Vec<Projection>,
     /// Partition workers: partition p of each stream belongs to worker p mod `workers`.
     pub workers: usize,
+    /// This process's share of the partitions when several projector processes run (see [`instance`]).
+    pub instance: Instance,
     pub partitions: Partitions,
     /// Frames fetched per batch (each frame holds up to 50 events).
     pub batch_frames: usize,
@@ -57,13 +64,20 @@ pub struct ProjectorConfig {
 }
 
 impl ProjectorConfig {
+    /// How to reach NATS, as this config's user, under the connection name `name`.
+    pub fn bus_config(&self, name: impl Into<String>) -> bus::BusConfig {
+        bus::BusConfig::new(&self.nats_url, name).with_credentials(self.nats_credentials.clone())
+    }
+
     pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
+            nats_credentials: None,
             database_url: database_url.into(),
             schema: "public".into(),
             projections: Projection::ALL.to_vec(),
             workers: 2,
+            instance: Instance::SOLE,
             partitions: Partitions::DEFAULT,
             batch_frames: 200,
             fetch_wait: Duration::from_millis(500),
@@ -108,7 +122,20 @@ pub async fn run(
     shutdown: CancellationToken,
     until_idle: bool,
 ) -> anyhow::Result<()> {
-    let plans = plan(&config.projections, config.workers, config.partitions);
+    let plans = instance_plan(
+        &config.projections,
+        config.workers,
+        config.instance,
+        config.partitions,
+    );
+    if plans.is_empty() {
+        anyhow::bail!(
+            "instance {} of {} owns no partition of {} partitions; run fewer instances",
+            config.instance.index(),
+            config.instance.count(),
+            config.partitions.count()
+        );
+    }
     let pool = pool(&config.database_url, &config.schema, plans.len() + 2)?;
     if config.migrate {
         let mut client = pool.get().await.context("connecting to Postgres")?;
@@ -121,7 +148,11 @@ pub async fn run(
     }
     // Streams are provisioned by the operator (`cocoon provision`), with the deployment's replica count;
     // a missing stream stops the projector with an error that says so.
-    let bus = bus::Bus::connect(&bus::BusConfig::new(&config.nats_url, "projector")).await?;
+    let name = match config.instance.count() {
+        1 => "projector".to_owned(),
+        _ => format!("projector-{}", config.instance.index()),
+    };
+    let bus = bus::Bus::connect(&config.bus_config(name)).await?;
     let ctx = worker::Ctx {
         pool,
         js: bus.jetstream.clone(),

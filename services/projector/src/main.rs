@@ -6,11 +6,20 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 /// Builds the Postgres read models from the event log.
+///
+/// Several processes can share the work: run each with the same --instances N and --projection list and its
+/// own --instance 0..N-1; instance I projects partition p of every keyed stream when p mod N == I, and the
+/// whole streams (allocations, results) are spread among the instances. A stopped instance's partitions wait
+/// at their checkpoints until it is back.
 #[derive(Debug, Parser)]
-#[command(name = "projector", version, about)]
+#[command(name = "projector", version, about, long_about)]
 struct Args {
     #[arg(long, env = "COCOON_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// NATS credentials file (`user = ...`, `password = ...`, written by `cocoon auth init`); without it the
+    /// connection is unauthenticated (a development server without users).
+    #[arg(long, env = "COCOON_NATS_CREDENTIALS")]
+    nats_credentials: Option<std::path::PathBuf>,
     #[arg(
         long,
         env = "COCOON_DATABASE_URL",
@@ -18,9 +27,15 @@ struct Args {
         hide_env_values = true
     )]
     database_url: String,
-    /// Partition workers.
+    /// Partition workers (concurrent consumers) in this process.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// This process's number among --instances, from 0.
+    #[arg(long, env = "COCOON_PROJECTOR_INSTANCE", default_value_t = 0)]
+    instance: usize,
+    /// Projector processes sharing the partitions.
+    #[arg(long, env = "COCOON_PROJECTOR_INSTANCES", default_value_t = 1)]
+    instances: usize,
     /// Projections to run (tasks, workers, payments); default all.
     #[arg(long = "projection")]
     projections: Vec<String>,
@@ -42,6 +57,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Checked before anything starts, so a wrong number stops the process at once.
+    let instance = projector::Instance::new(args.instance, args.instances).map_err(|e| {
+        anyhow::anyhow!(
+            "--instance {} --instances {}: {e}",
+            args.instance,
+            args.instances
+        )
+    })?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -59,7 +82,9 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     }
     let mut config = projector::ProjectorConfig::new(args.nats_url, args.database_url);
+    config.nats_credentials = bus::Credentials::load_optional(args.nats_credentials.as_deref())?;
     config.workers = args.workers;
+    config.instance = instance;
     if !args.projections.is_empty() {
         config.projections = args
             .projections

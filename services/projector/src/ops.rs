@@ -324,7 +324,7 @@ pub async fn replay(
 }
 
 async fn context(config: &ProjectorConfig, pool_size: usize) -> anyhow::Result<Ctx> {
-    let bus = bus::Bus::connect(&bus::BusConfig::new(&config.nats_url, "projector-ops")).await?;
+    let bus = bus::Bus::connect(&config.bus_config("projector-ops")).await?;
     Ok(Ctx {
         pool: pool(&config.database_url, &config.schema, pool_size)?,
         js: bus.jetstream,
@@ -502,7 +502,7 @@ pub async fn rebuild(
     // 3: lock the live checkpoints (pausing the live projector), bring the shadow exactly to them, verify.
     let shadow_ctx = Ctx {
         pool: shadow_pool.clone(),
-        js: bus::Bus::connect(&bus::BusConfig::new(&config.nats_url, "projector-rebuild"))
+        js: bus::Bus::connect(&config.bus_config("projector-rebuild"))
             .await
             .map_err(anyhow::Error::from)?
             .jetstream,
@@ -672,7 +672,7 @@ async fn stream_heads(
     config: &ProjectorConfig,
     projection: Projection,
 ) -> anyhow::Result<BTreeMap<Stream, u64>> {
-    let bus = bus::Bus::connect(&bus::BusConfig::new(&config.nats_url, "projector-ops")).await?;
+    let bus = bus::Bus::connect(&config.bus_config("projector-ops")).await?;
     let mut out = BTreeMap::new();
     for &stream in projection.streams() {
         let mut s = bus.jetstream.get_stream(stream.name()).await?;

@@ -1,0 +1,381 @@
+//! Two projector instances sharing the partitions (`--instance 0|1 --instances 2`), against real nats-server
+//! and Postgres: together they project a history exactly once, each partition owned by one of them; while
+//! one is down its partitions stay at their checkpoints and the other's go on; once it is back, all converge.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bus::{Bus, Publisher, PublisherConfig, provision_streams};
+use events::subjects::Addressing;
+use events::{EventRecord, Partitions, Stream};
+use futures_util::StreamExt as _;
+use projector::verify::fingerprint;
+use projector::{Instance, Projection, ProjectorConfig, instance_plan};
+use tests::{NatsServer, TestDb};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const ALL_TABLES: &[&str] = &[
+    "tasks",
+    "allocations",
+    "task_results",
+    "workers",
+    "worker_gpus",
+    "attestations",
+    "payment_accruals",
+    "settlements",
+    "settlement_payouts",
+    "settlement_tasks",
+    "parked_payouts",
+];
+const INSTANCES: usize = 2;
+const PREFIX: &str = "shared";
+const DEADLINE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+
+/// (projection, stream name, partition) → last sequence.
+type Checkpoints = BTreeMap<(String, String, i32), i64>;
+/// Durable name → (stream name, filter subjects).
+type Consumers = BTreeMap<String, (String, BTreeSet<String>)>;
+
+fn config(server: &NatsServer, db: &TestDb, instance: Instance) -> ProjectorConfig {
+    let mut c = ProjectorConfig::new(server.url(), db.url());
+    c.durable_prefix = PREFIX.into();
+    c.instance = instance;
+    c.workers = 1;
+    c.batch_frames = 20;
+    c.fetch_wait = Duration::from_millis(200);
+    c
+}
+
+fn instance(index: usize) -> Instance {
+    Instance::new(index, INSTANCES).expect("a valid instance")
+}
+
+fn spawn(config: ProjectorConfig) -> (JoinHandle<anyhow::Result<()>>, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(projector::run(config, shutdown.clone(), false));
+    (handle, shutdown)
+}
+
+async fn publish(bus: &Bus, records: &[EventRecord]) {
+    let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default()).unwrap();
+    for r in records {
+        drop(publisher.publish(r).await.unwrap());
+    }
+    publisher.flush().await.unwrap();
+}
+
+/// The checkpoint partition of `record` in its stream, as the projector computes it.
+fn partition_of(record: &EventRecord) -> i32 {
+    let subject = record.subject(Partitions::DEFAULT);
+    let stream = subject
+        .stream()
+        .expect("an event's subject names its stream");
+    let plan = projector::plan(&Projection::ALL, 1, Partitions::DEFAULT)
+        .into_iter()
+        .find(|p| p.stream == stream)
+        .expect("a plan for every event stream");
+    i32::from(plan.partition_of(subject.as_str()))
+}
+
+/// Where every checkpoint must be once the log is projected: each (projection, stream, partition) at its
+/// partition's last frame in the log, or 0 when the partition has none. Keyed streams have partitions 0..8;
+/// whole streams one, 0. Derived from the streams, not from the instances' plans, so that a partition no
+/// instance owns shows as a checkpoint missing.
+async fn heads(bus: &Bus) -> Checkpoints {
+    let mut last: BTreeMap<(Stream, i32), i64> = BTreeMap::new();
+    for stream in Stream::EVENT_STREAMS {
+        for (sequence, record) in bus::read_events(&bus.jetstream, stream, vec![])
+            .await
+            .unwrap()
+        {
+            let head = last.entry((stream, partition_of(&record))).or_default();
+            *head = (*head).max(i64::try_from(sequence).unwrap());
+        }
+    }
+    let mut out = Checkpoints::new();
+    for projection in Projection::ALL {
+        for &stream in projection.streams() {
+            let partitions: Vec<i32> = match stream.addressing() {
+                Addressing::Partitioned => (0..i32::from(Partitions::DEFAULT.count())).collect(),
+                _ => vec![0],
+            };
+            for p in partitions {
+                let head = last.get(&(stream, p)).copied().unwrap_or(0);
+                out.insert(
+                    (projection.name().to_owned(), stream.name().to_owned(), p),
+                    head,
+                );
+            }
+        }
+    }
+    out
+}
+
+async fn checkpoints(db: &TestDb) -> Checkpoints {
+    db.client()
+        .await
+        .query(
+            "SELECT projection, stream, partition, last_sequence FROM public.projection_checkpoints",
+            &[],
+        )
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls until the checkpoints selected by `which` equal `want`'s; returns all checkpoints then.
+async fn wait_checkpoints(
+    db: &TestDb,
+    want: &Checkpoints,
+    which: impl Fn(&(String, String, i32)) -> bool,
+    running: &[&JoinHandle<anyhow::Result<()>>],
+) -> Checkpoints {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let got = checkpoints(db).await;
+        let pick = |c: &Checkpoints| -> Checkpoints {
+            c.iter()
+                .filter(|(k, _)| which(k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        };
+        if pick(&got) == pick(want) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checkpoints not reached within {DEADLINE:?}:\n got {:?}\nwant {:?}",
+            pick(&got),
+            pick(want)
+        );
+        assert!(
+            running.iter().all(|h| !h.is_finished()),
+            "an instance stopped"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The durable consumers on the server with this test's prefix: name → (stream, filter subjects).
+async fn server_consumers(bus: &Bus) -> Consumers {
+    let mut out = BTreeMap::new();
+    for stream in Stream::EVENT_STREAMS {
+        let handle = bus.jetstream.get_stream(stream.name()).await.unwrap();
+        let mut consumers = handle.consumers();
+        while let Some(info) = consumers.next().await {
+            let info = info.unwrap();
+            let Some(name) = info.config.durable_name.clone() else {
+                continue;
+            };
+            if name.starts_with(PREFIX) {
+                let filters: BTreeSet<String> = info
+                    .config
+                    .filter_subjects
+                    .iter()
+                    .cloned()
+                    .chain(
+                        std::iter::once(info.config.filter_subject.clone())
+                            .filter(|f| !f.is_empty()),
+                    )
+                    .collect();
+                out.insert(name, (stream.name().to_owned(), filters));
+            }
+        }
+    }
+    out
+}
+
+/// What the instances' plans say the server should hold, and which instance each durable belongs to.
+fn planned_consumers() -> (Consumers, BTreeMap<String, usize>) {
+    let mut consumers = BTreeMap::new();
+    let mut owner = BTreeMap::new();
+    for index in 0..INSTANCES {
+        for plan in instance_plan(&Projection::ALL, 1, instance(index), Partitions::DEFAULT) {
+            let name = plan.durable(PREFIX);
+            consumers.insert(
+                name.clone(),
+                (
+                    plan.stream.name().to_owned(),
+                    plan.filter_subjects().into_iter().collect(),
+                ),
+            );
+            assert!(
+                owner.insert(name, index).is_none(),
+                "durable names differ per instance"
+            );
+        }
+    }
+    (consumers, owner)
+}
+
+/// Projects the whole log into `schema` with one process and compares every table with the public ones.
+async fn assert_equals_a_single_process_projection(server: &NatsServer, db: &TestDb, schema: &str) {
+    let mut solo = ProjectorConfig::new(server.url(), db.url());
+    solo.schema = schema.into();
+    solo.durable_prefix = schema.into();
+    solo.fetch_wait = Duration::from_millis(200);
+    tokio::time::timeout(
+        DEADLINE,
+        projector::run(solo, CancellationToken::new(), true),
+    )
+    .await
+    .expect("the single process drained in time")
+    .unwrap();
+    let client = db.client().await;
+    let shared = fingerprint(&client, "public", ALL_TABLES).await.unwrap();
+    let single = fingerprint(&client, schema, ALL_TABLES).await.unwrap();
+    assert!(
+        shared.values().any(|t| t.rows > 0),
+        "something was projected"
+    );
+    assert_eq!(
+        shared, single,
+        "two instances project what one process does"
+    );
+}
+
+async fn task_ids(db: &TestDb) -> BTreeSet<uuid::Uuid> {
+    db.client()
+        .await
+        .query("SELECT task_id FROM public.tasks", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn submitted_tasks(records: &[EventRecord]) -> Vec<(uuid::Uuid, i32)> {
+    records
+        .iter()
+        .filter_map(|r| match &r.event {
+            events::Event::TaskSubmitted(t) => Some((t.task_id.0, partition_of(r))),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_partitions_and_a_stopped_one_holds_back_only_its_own() {
+    let server = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let bus = Bus::from_client(server.client().await, Duration::from_secs(5));
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+
+    // A history across every stream, projected by two instances running at once.
+    let history = events::sample::lifecycle(40, 3);
+    publish(&bus, &history).await;
+    let (first, first_stop) = spawn(config(&server, &db, instance(0)));
+    let (second, second_stop) = spawn(config(&server, &db, instance(1)));
+    let want = heads(&bus).await;
+    let got = wait_checkpoints(&db, &want, |_| true, &[&first, &second]).await;
+    assert_eq!(got, want, "every checkpoint at its head, none extra");
+
+    // No partition is owned by both: the consumers on the server are exactly the planned ones, and no two
+    // of a stream take the same subjects; keyed partition p belongs to instance p mod 2.
+    let (planned, owner) = planned_consumers();
+    assert_eq!(server_consumers(&bus).await, planned);
+    for stream in Stream::EVENT_STREAMS {
+        let mut taken = BTreeSet::new();
+        for (name, (s, filters)) in &planned {
+            if s == stream.name() {
+                for f in filters {
+                    assert!(taken.insert(f.clone()), "{f} taken twice ({name})");
+                }
+            }
+        }
+    }
+    for index in 0..INSTANCES {
+        for plan in instance_plan(&Projection::ALL, 1, instance(index), Partitions::DEFAULT) {
+            assert_eq!(owner[&plan.durable(PREFIX)], index);
+            if plan.stream == Stream::Tasks {
+                assert!(
+                    plan.partitions
+                        .iter()
+                        .all(|p| usize::from(*p) % INSTANCES == index)
+                );
+            }
+        }
+    }
+    let expected: BTreeSet<uuid::Uuid> = submitted_tasks(&history)
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(
+        task_ids(&db).await,
+        expected,
+        "the tasks table holds each task once"
+    );
+    assert_equals_a_single_process_projection(&server, &db, "solo").await;
+
+    // Kill the second instance (abort: no clean stop, nothing in flight is committed or acked), then go on
+    // submitting. The first instance's partitions advance; the second's stay at their checkpoints.
+    second.abort();
+    assert!(second.await.unwrap_err().is_cancelled());
+    let before = checkpoints(&db).await;
+    let more: Vec<EventRecord> = (0..200)
+        .map(|_| events::sample::task_submitted_of_size(200))
+        .collect();
+    publish(&bus, &more).await;
+    let want = heads(&bus).await;
+    let tasks_of = |index: usize| {
+        move |k: &(String, String, i32)| {
+            k.1 == Stream::Tasks.name() && usize::try_from(k.2).unwrap() % INSTANCES == index
+        }
+    };
+    let got = wait_checkpoints(&db, &want, tasks_of(0), &[&first]).await;
+    let held: Vec<_> = got.iter().filter(|(k, _)| tasks_of(1)(k)).collect();
+    assert!(!held.is_empty());
+    for (key, sequence) in &held {
+        assert_eq!(
+            Some(*sequence),
+            before.get(*key),
+            "{key:?} stays at its checkpoint while its instance is down"
+        );
+        assert!(*sequence < &want[*key], "{key:?} has frames waiting");
+    }
+    let new_tasks = submitted_tasks(&more);
+    let projected = task_ids(&db).await;
+    for (task, partition) in &new_tasks {
+        let owned_by_first = usize::try_from(*partition).unwrap() % INSTANCES == 0;
+        assert_eq!(
+            projected.contains(task),
+            owned_by_first,
+            "task {task} in partition {partition}"
+        );
+    }
+    assert!(
+        new_tasks.iter().any(|(_, p)| p % 2 == 1),
+        "some new tasks wait for the stopped instance"
+    );
+
+    // Back again under the same durable names: it resumes from its checkpoints and everything converges.
+    drop(second_stop);
+    let (second, second_stop) = spawn(config(&server, &db, instance(1)));
+    let got = wait_checkpoints(&db, &want, |_| true, &[&first, &second]).await;
+    assert_eq!(got, want);
+    assert_eq!(
+        server_consumers(&bus).await,
+        planned,
+        "the same consumers, no new names"
+    );
+    let all: BTreeSet<uuid::Uuid> = expected
+        .iter()
+        .copied()
+        .chain(new_tasks.iter().map(|(t, _)| *t))
+        .collect();
+    assert_eq!(task_ids(&db).await, all);
+    assert_equals_a_single_process_projection(&server, &db, "solo").await;
+
+    first_stop.cancel();
+    second_stop.cancel();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+}
