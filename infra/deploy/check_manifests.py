@@ -8,7 +8,8 @@ object against the Kubernetes schema:
 It checks, and exits 1 naming every problem:
 - every kustomization lists exactly the YAML files beside it, and those exist;
 - every flag a container passes (`--name`) and every environment variable it sets is one its binary
-  reads (clap `#[arg(long ...)]`/`env = "..."` or `std::env::var("...")` in services/<binary>/src),
+  reads (clap `#[arg(long ...)]`/`env = "..."` or `std::env::var("...")` in services/<binary>/src, or
+  `std::env::var("...")` in a services/<lib> crate it depends on, such as bus),
   except variables that only feed `$(VAR)` in its arguments and a few read by the runtime (RUST_LOG,
   NVIDIA_*); the image `cocoon/<binary>` names the binary;
 - Services select some workload's pods, and their named target ports exist there; probes use ports the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -78,9 +80,20 @@ def binary_interface(repo: Path, binary: str) -> tuple[set[str], set[str]] | Non
                         flags.add(field.group(1).replace("_", "-"))
                     env.update(re.findall(r"\benv\s*=\s*\"([^\"]+)\"", attrs))
             pending = []
-        for text in lines:
-            env.update(re.findall(r"env::var(?:_os)?\(\s*\"([^\"]+)\"", text))
+        env.update(env_reads(path))
+    # Variables read by the support libraries it links (services/bus: COCOON_LOG_FORMAT), not flags.
+    manifest = tomllib.loads((repo / "services" / binary / "Cargo.toml").read_text())
+    for dep in sorted(manifest.get("dependencies", {})):
+        lib = repo / "services" / dep / "src"
+        if dep != binary and lib.is_dir():
+            for path in sorted(lib.rglob("*.rs")):
+                env.update(env_reads(path))
     return flags, env
+
+
+def env_reads(path: Path) -> set[str]:
+    """The variables `std::env::var("...")` (or `var_os`) reads in one source file."""
+    return set(re.findall(r"env::var(?:_os)?\(\s*\"([^\"]+)\"", path.read_text()))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -286,6 +286,8 @@ pub async fn run(
         };
         let mut failed = None;
         for record in &decided {
+            tracing::debug!(kind = record.event.kind(), event_id = %record.envelope.event_id,
+                correlation_id = %record.envelope.correlation_id, epoch, "decided");
             // Dropping the receipt is fine: `flush` reports every failed frame.
             if let Err(e) = publisher.publish(record).await {
                 failed = Some(e);

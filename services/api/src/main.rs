@@ -35,12 +35,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    bus::logging::init();
     let args = Args::parse();
     let mut config = api::ApiConfig::new(args.nats_url, args.database_url);
     config.listen = args.listen;

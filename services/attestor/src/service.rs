@@ -188,7 +188,7 @@ pub async fn run(
                 }
                 // The projector dead-letters it with the reason; here it only must not stall the stream.
                 Err(e) => {
-                    tracing::warn!(seq = frame.stream_sequence, error = %e, "skipping an undecodable frame");
+                    tracing::warn!(stream = Stream::Attestations.name(), seq = frame.stream_sequence, error = %e, "skipping an undecodable frame");
                     metrics::counter!("cocoon_attestor_undecodable_frames_total").increment(1);
                 }
             }
@@ -202,7 +202,7 @@ pub async fn run(
                 // Not a verdict about the worker: anyone can publish a submission naming any worker, and a
                 // refusal published as a rejection would end that worker's eligibility.
                 Ok(Decision::Refused(why)) => {
-                    tracing::warn!(worker = %submission.worker_id, reason = %why, "submission refused");
+                    tracing::warn!(worker = %submission.worker_id, reason = %why, event_id = %cause.event_id, "submission refused");
                     metrics::counter!("cocoon_attestor_submissions_refused_total").increment(1);
                     report.refused += 1;
                     continue;
@@ -230,6 +230,8 @@ pub async fn run(
             metrics::counter!("cocoon_attestor_verdicts_total", "verdict" => kind, "cache" => if hit { "hit" } else { "miss" })
                 .increment(1);
             let record = EventRecord::caused_by(cause, producer.clone(), event);
+            tracing::info!(worker = %submission.worker_id, verdict = kind, cache_hit = hit, event_id = %record.envelope.event_id,
+                submission_id = %cause.event_id, "attestation verdict");
             receipts.push(publisher.publish(&record).await?);
         }
         for receipt in receipts {

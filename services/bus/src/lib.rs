@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod consumer;
+pub mod logging;
 pub mod provision;
 pub mod publisher;
 

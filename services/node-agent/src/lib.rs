@@ -363,7 +363,7 @@ impl Agent {
         match self.publisher.publish(&record).await {
             Ok(receipt) => Some(receipt),
             Err(e) => {
-                tracing::error!(kind = record.event.kind(), error = %e, "cannot publish");
+                tracing::error!(event_id = %record.envelope.event_id, kind = record.event.kind(), error = %e, "cannot publish");
                 None
             }
         }
@@ -460,7 +460,8 @@ async fn consume(
                 // Nothing else could make sense of it either; the projector dead-letters it.
                 Err(e) => tracing::warn!(
                     worker = %agent.config.worker_id,
-                    sequence = frame.stream_sequence,
+                    stream = Stream::Allocations.name(),
+                    seq = frame.stream_sequence,
                     error = %e,
                     "skipping an allocation frame that does not decode"
                 ),
@@ -480,7 +481,8 @@ fn handle(agent: &Agent, record: EventRecord, queue: &mpsc::UnboundedSender<Queu
     match record.event {
         Event::TaskAllocated(allocation) => {
             if &allocation.worker_id != worker {
-                tracing::warn!(%worker, other = %allocation.worker_id, "allocation for another worker on our subject");
+                tracing::warn!(%worker, other = %allocation.worker_id,
+                    event_id = %record.envelope.event_id, "allocation for another worker on our subject");
                 return;
             }
             let key = (allocation.task_id, allocation.attempt);
@@ -490,7 +492,8 @@ fn handle(agent: &Agent, record: EventRecord, queue: &mpsc::UnboundedSender<Queu
                     let kill = agent.hard_stop.child_token();
                     state.kills.insert(key, kill.clone());
                     drop(state);
-                    tracing::debug!(%worker, task = %allocation.task_id, attempt = allocation.attempt, "allocation queued");
+                    tracing::debug!(%worker, task = %allocation.task_id, attempt = allocation.attempt,
+                        event_id = %record.envelope.event_id, correlation_id = %record.envelope.correlation_id, "allocation queued");
                     let queued = Queued {
                         cause: record.envelope,
                         allocation,
@@ -505,13 +508,15 @@ fn handle(agent: &Agent, record: EventRecord, queue: &mpsc::UnboundedSender<Queu
                     state.report.allocations_stale += 1;
                     ::metrics::counter!(metrics::ALLOCATIONS_IGNORED, "why" => "stale_epoch")
                         .increment(1);
-                    tracing::info!(%worker, task = %allocation.task_id, epoch, highest, "ignoring an allocation from an older allocator epoch");
+                    tracing::info!(%worker, task = %allocation.task_id, epoch, highest,
+                        event_id = %record.envelope.event_id, "ignoring an allocation from an older allocator epoch");
                 }
                 Admission::Duplicate => {
                     state.report.allocations_duplicate += 1;
                     ::metrics::counter!(metrics::ALLOCATIONS_IGNORED, "why" => "duplicate")
                         .increment(1);
-                    tracing::debug!(%worker, task = %allocation.task_id, attempt = allocation.attempt, "duplicate allocation");
+                    tracing::debug!(%worker, task = %allocation.task_id, attempt = allocation.attempt,
+                        event_id = %record.envelope.event_id, "duplicate allocation");
                 }
             }
         }
@@ -526,21 +531,24 @@ fn handle(agent: &Agent, record: EventRecord, queue: &mpsc::UnboundedSender<Queu
             let mut state = agent.lock();
             match state.ledger.revoke(key, allocator_epoch) {
                 Revocation::Stop => {
-                    tracing::info!(%worker, task = %task_id, attempt, %reason, "allocation revoked; stopping the attempt");
+                    tracing::info!(%worker, task = %task_id, attempt, %reason,
+                        event_id = %record.envelope.event_id, correlation_id = %record.envelope.correlation_id, "allocation revoked; stopping the attempt");
                     if let Some(kill) = state.kills.get(&key) {
                         kill.cancel();
                     }
                 }
                 Revocation::Stale { epoch, highest } => {
-                    tracing::info!(%worker, task = %task_id, epoch, highest, "ignoring a revocation from an older allocator epoch");
+                    tracing::info!(%worker, task = %task_id, epoch, highest,
+                        event_id = %record.envelope.event_id, "ignoring a revocation from an older allocator epoch");
                 }
                 Revocation::NotActive => {
-                    tracing::debug!(%worker, task = %task_id, attempt, "revocation of an attempt not running here");
+                    tracing::debug!(%worker, task = %task_id, attempt,
+                        event_id = %record.envelope.event_id, "revocation of an attempt not running here");
                 }
             }
         }
         other => {
-            tracing::warn!(%worker, kind = other.kind(), "unexpected event on the allocation subject")
+            tracing::warn!(%worker, kind = other.kind(), event_id = %record.envelope.event_id, "unexpected event on the allocation subject")
         }
     }
 }
@@ -619,7 +627,8 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
     }
     ::metrics::counter!(metrics::TASKS_STARTED).increment(1);
     ::metrics::gauge!(metrics::TASKS_RUNNING).increment(1.0);
-    tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt, gpus = ?allocation.gpu_indices, executor = agent.executor.kind(), "task started");
+    tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt, gpus = ?allocation.gpu_indices, executor = agent.executor.kind(),
+        event_id = %cause.event_id, correlation_id = %cause.correlation_id, "task started");
     let started = TaskStarted {
         task_id: allocation.task_id,
         worker_id: worker.clone(),
@@ -654,7 +663,8 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
     ::metrics::gauge!(metrics::TASKS_RUNNING).decrement(1.0);
     let revoked = agent.finish(key);
     if revoked {
-        tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt, "revoked attempt stopped; reporting nothing");
+        tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt,
+            event_id = %cause.event_id, correlation_id = %cause.correlation_id, "revoked attempt stopped; reporting nothing");
     } else {
         match outcome {
             ExecOutcome::Succeeded { output, truncated } => {
@@ -664,7 +674,8 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
                     peak_gpu_memory_mib: peak,
                     wall_ms,
                 };
-                tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt, wall_ms, output_bytes = output.len(), truncated, "task completed");
+                tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt, wall_ms, output_bytes = output.len(), truncated,
+                    event_id = %cause.event_id, correlation_id = %cause.correlation_id, "task completed");
                 let result = TaskResult {
                     task_id: allocation.task_id,
                     client_id: allocation.client_id.clone(),
@@ -691,7 +702,8 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
                 ::metrics::counter!(metrics::TASKS_COMPLETED).increment(1);
             }
             ExecOutcome::Failed(failure) => {
-                tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt, reason = %failure.reason, retryable = failure.retryable, "task failed");
+                tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt, reason = %failure.reason, retryable = failure.retryable,
+                    event_id = %cause.event_id, correlation_id = %cause.correlation_id, "task failed");
                 agent.count_failure(&failure, false);
                 let failed = agent.caused_by(&cause, agent.task_failed(&allocation, &failure));
                 receipts.push((failed.clone(), agent.publish(failed).await));
@@ -699,7 +711,8 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
             ExecOutcome::Killed => {
                 // Not revoked, so the drain ran out of time.
                 let failure = TaskFailure::retryable(DRAINED_REASON);
-                tracing::warn!(%worker, task = %allocation.task_id, attempt = allocation.attempt, "task killed by the drain timeout");
+                tracing::warn!(%worker, task = %allocation.task_id, attempt = allocation.attempt,
+                    event_id = %cause.event_id, correlation_id = %cause.correlation_id, "task killed by the drain timeout");
                 agent.count_failure(&failure, true);
                 let failed = agent.caused_by(&cause, agent.task_failed(&allocation, &failure));
                 receipts.push((failed.clone(), agent.publish(failed).await));
@@ -719,7 +732,8 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
         let mut backoff = Duration::from_millis(500);
         for _ in 0..OUTCOME_RETRIES {
             let Err(e) = &stored else { break };
-            tracing::warn!(%worker, task = %allocation.task_id, kind = record.event.kind(), error = %e, "task event not stored; publishing it again");
+            tracing::warn!(%worker, task = %allocation.task_id, kind = record.event.kind(),
+                event_id = %record.envelope.event_id, error = %e, "task event not stored; publishing it again");
             tokio::time::sleep(backoff).await;
             backoff *= 2;
             stored = match agent.publisher.publish(&record).await {
@@ -728,7 +742,8 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
             };
         }
         if let Err(e) = stored {
-            tracing::error!(%worker, task = %allocation.task_id, kind = record.event.kind(), error = %e, "task event not stored; giving up");
+            tracing::error!(%worker, task = %allocation.task_id, kind = record.event.kind(),
+                event_id = %record.envelope.event_id, error = %e, "task event not stored; giving up");
         }
     }
 }

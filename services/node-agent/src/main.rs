@@ -130,12 +130,7 @@ fn executor(args: &Args) -> anyhow::Result<Arc<dyn Executor>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    bus::logging::init();
     let worker_id = WorkerId::new(args.worker_id.clone()).context("--worker-id")?;
     let nats_url = args
         .nats_url

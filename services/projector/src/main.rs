@@ -65,12 +65,7 @@ async fn main() -> anyhow::Result<()> {
             args.instances
         )
     })?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    bus::logging::init();
     if !args.metrics_addr.is_empty() {
         let addr: std::net::SocketAddr = args
             .metrics_addr

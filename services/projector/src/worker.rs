@@ -71,16 +71,7 @@ pub async fn run_consumer(
     shutdown: CancellationToken,
     until_idle: bool,
 ) -> anyhow::Result<()> {
-    let start = checkpoint_floor(&ctx, &plan).await?;
-    let spec = ConsumerSpec::new(plan.stream, plan.durable(&ctx.durable_prefix))
-        .filter_subjects(plan.filter_subjects())
-        .start_after(start);
-    let consumer = FrameConsumer::recreate(&ctx.js, &spec).await?;
-    tracing::info!(
-        durable = consumer.durable(),
-        start_after = start,
-        "consumer started"
-    );
+    let mut consumer = bind_after_checkpoint(&ctx, &plan).await?;
     let mut backoff = Duration::from_millis(100);
     loop {
         if shutdown.is_cancelled() {
@@ -93,9 +84,26 @@ pub async fn run_consumer(
         let batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(durable = consumer.durable(), error = %e, "fetch failed; retrying");
-                sleep_or_cancel(&shutdown, backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tracing::warn!(durable = consumer.durable(), error = %e, "fetch failed; starting again after the database checkpoint");
+                // The frames of a failed fetch (nats-server restarting, a connection lost) may be lost on the
+                // way while the server counts them delivered; the next fetch would go on after them, and its
+                // ack (AckAll) would cover them. So start again after the database checkpoint, as on start.
+                loop {
+                    sleep_or_cancel(&shutdown, backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    match bind_after_checkpoint(&ctx, &plan).await {
+                        Ok(fresh) => {
+                            consumer = fresh;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(durable = consumer.durable(), error = %e, "consumer not recreated; retrying")
+                        }
+                    }
+                }
                 continue;
             }
         };
@@ -139,6 +147,22 @@ async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) {
         () = tokio::time::sleep(d) => {},
         () = shutdown.cancelled() => {},
     }
+}
+
+/// The plan's durable consumer, created afresh to start right after the database checkpoint (never from its
+/// ack floor).
+async fn bind_after_checkpoint(ctx: &Ctx, plan: &ConsumerPlan) -> anyhow::Result<FrameConsumer> {
+    let start = checkpoint_floor(ctx, plan).await?;
+    let spec = ConsumerSpec::new(plan.stream, plan.durable(&ctx.durable_prefix))
+        .filter_subjects(plan.filter_subjects())
+        .start_after(start);
+    let consumer = FrameConsumer::recreate(&ctx.js, &spec).await?;
+    tracing::info!(
+        durable = consumer.durable(),
+        start_after = start,
+        "consumer started"
+    );
+    Ok(consumer)
 }
 
 /// The lowest checkpoint among the plan's partitions: the consumer starts right after it, and frames of

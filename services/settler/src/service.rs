@@ -364,15 +364,15 @@ impl Settler {
             return Ok(());
         }
         let Some(payee) = self.ledger.payee(&completed.worker_id) else {
-            tracing::warn!(task = %completed.task_id, worker = %completed.worker_id,
-                "completion by a worker whose registration is unknown; it accrues once the registration is read");
+            tracing::warn!(task = %completed.task_id, worker = %completed.worker_id, event_id = %envelope.event_id,
+                correlation_id = %envelope.correlation_id, "completion by a worker whose registration is unknown; it accrues once the registration is read");
             self.unpriced.push((envelope.clone(), completed.clone()));
             return Ok(());
         };
         let price = payee.price_per_gpu_second;
         let Some(amount) = completed.usage.gpu_millis.cost(price) else {
             tracing::error!(task = %completed.task_id, gpu_millis = completed.usage.gpu_millis.0, price = price.0,
-                "usage × price overflows a nanoton amount; not accrued");
+                event_id = %envelope.event_id, correlation_id = %envelope.correlation_id, "usage × price overflows a nanoton amount; not accrued");
             metrics::counter!("settler_unaccruable_total").increment(1);
             return Ok(());
         };
@@ -415,9 +415,10 @@ impl Settler {
         }
         let plan = self.ledger.plan(Timestamp::now(), &self.config.policy);
         for parked in plan.park {
-            tracing::warn!(worker = %parked.worker_id, amount = %parked.amount, reason = %parked.reason, "payout parked");
+            let record = EventRecord::new(self.producer.clone(), parked.clone());
+            tracing::warn!(worker = %parked.worker_id, amount = %parked.amount, reason = %parked.reason,
+                event_id = %record.envelope.event_id, "payout parked");
             metrics::counter!("settler_parked_total").increment(1);
-            let record = EventRecord::new(self.producer.clone(), parked);
             self.receipts.push(self.publisher.publish(&record).await?);
             self.ledger
                 .apply(&record.event, record.envelope.occurred_at);
