@@ -192,7 +192,9 @@ pub fn permissions(role: &Role) -> Permissions {
             ]);
         }
         Role::Attestor => {
+            // Quotes from ATTESTATIONS; the registered keys they must bind from WORKERS.
             read_stream(&mut p, Stream::Attestations.name());
+            read_stream(&mut p, Stream::Workers.name());
             publish_origin(&mut p, &[Stream::Attestations], "attestor.*");
         }
         Role::Settler => {

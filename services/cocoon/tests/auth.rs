@@ -348,6 +348,46 @@ async fn every_role_works_on_its_own_credentials_and_nothing_more() {
         .get(0);
     assert_eq!(wrong_origin, 1, "w2's frame claiming w1 is dead-lettered");
 
+    // The settler accrues the completion on its own credentials (and parks the payout: the simulated worker
+    // registered no TON address), on the real TVM behind the local toncenter.
+    let key = settler::PoolKey::parse(&"5a".repeat(32)).unwrap();
+    let ton = tests::TonLocal::start(&key.public_key(), 10 * Nanoton::PER_TON).await;
+    let (settler_bus, settler_errors) = secured.connect(&Role::Settler).await;
+    let settler_stop = CancellationToken::new();
+    let settler_run = tokio::spawn(settler::run(
+        settler_bus,
+        settler::Toncenter::new(
+            ton.url(),
+            None,
+            httpc::HttpClient::new(&httpc::ClientConfig::new(), false).unwrap(),
+        ),
+        settler::PoolWallet::new(&key).unwrap(),
+        settler::SettlerConfig {
+            instance: "settler-auth".into(),
+            ..Default::default()
+        },
+        settler_stop.clone(),
+    ));
+    let deadline = Instant::now() + DEADLINE;
+    let (accrued, parked) = loop {
+        let payments = bus::read_events(&operator.jetstream, Stream::Payments, vec![])
+            .await
+            .unwrap();
+        let accrued = payments.iter().any(|(_, r)| {
+            matches!(&r.event, events::Event::PaymentAccrued(a) if a.task_id == submitted.task_id)
+        });
+        let parked = payments.iter().any(|(_, r)| {
+            matches!(&r.event, events::Event::PayoutParked(p) if p.worker_id == worker("w1"))
+        });
+        if (accrued && parked) || Instant::now() > deadline {
+            break (accrued, parked);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(accrued && parked, "accrued {accrued}, parked {parked}");
+    settler_stop.cancel();
+    let _ = tokio::time::timeout(DEADLINE, settler_run).await;
+
     // The parties that did their own work drew no violation.
     for (who, errors) in [("allocator", &allocator_errors), ("w1", &w1_errors)] {
         let seen = errors.0.lock().unwrap().clone();
