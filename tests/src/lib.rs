@@ -17,6 +17,10 @@
 //! # }
 //! ```
 
+pub mod cluster;
+pub use cluster::NatsCluster;
+pub mod postgres;
+pub mod services;
 pub mod ton_local;
 pub use ton_local::TonLocal;
 

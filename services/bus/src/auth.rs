@@ -113,6 +113,8 @@ fn read_consumer(p: &mut Permissions, stream: &str, name: &str, filter: &str) {
         format!("{API}.STREAM.INFO.{stream}"),
         format!("{API}.CONSUMER.CREATE.{stream}.{name}.{filter}"),
         format!("{API}.CONSUMER.INFO.{stream}.{name}"),
+        // Its own consumer only: recreated from its ack floor after a failed fetch.
+        format!("{API}.CONSUMER.DELETE.{stream}.{name}"),
         format!("{API}.CONSUMER.MSG.NEXT.{stream}.{name}"),
         format!("$JS.ACK.{stream}.{name}.>"),
     ]);

@@ -223,6 +223,33 @@ impl FrameConsumer {
         &self.durable
     }
 
+    /// Makes the durable deliver again everything after its ack floor, and returns the floor.
+    ///
+    /// After a failed fetch (a restarting nats-server, a lost connection) frames the server counts as
+    /// delivered may never have arrived; the next batch's ack (AckAll) would cover them unseen. A caller that
+    /// keeps no checkpoint of its own rewinds to what it has acked instead (its work must tolerate seeing a
+    /// frame again).
+    pub async fn rewind_to_ack_floor(
+        &mut self,
+        js: &jetstream::Context,
+        spec: &ConsumerSpec,
+    ) -> Result<u64, ConsumeError> {
+        let consumer_error = |reason: String| ConsumeError::Consumer {
+            stream: spec.stream.name(),
+            durable: spec.durable.clone(),
+            reason,
+        };
+        let info = self
+            .consumer
+            .info()
+            .await
+            .map_err(|e| consumer_error(e.to_string()))?;
+        let floor = info.ack_floor.stream_sequence;
+        let spec = spec.clone().start_after(floor);
+        *self = Self::recreate(js, &spec).await?;
+        Ok(floor)
+    }
+
     /// Fetches up to `max_frames`: whatever is available now, or, when nothing is, the first frame to arrive
     /// within `max_wait` plus whatever came with it. Returns an empty batch when nothing arrived.
     ///
@@ -418,7 +445,33 @@ impl RangeReader {
 pub struct Follower {
     messages: jetstream::consumer::pull::Ordered,
     stream: Stream,
+    js: jetstream::Context,
+    subjects: Vec<String>,
+    name: Option<String>,
+    /// Where a recreated consumer starts: right after the last frame handed out.
+    next_sequence: u64,
+    /// The connection's connect count when the consumer was made: a reconnect may mean a restarted server,
+    /// which has lost every ephemeral consumer.
+    connects: u64,
 }
+
+/// How many times the context's connection has connected (the first time included).
+fn connects(js: &jetstream::Context) -> u64 {
+    js.client()
+        .statistics()
+        .connects
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Returns once the connection has connected again since `seen` connects.
+async fn reconnected(js: &jetstream::Context, seen: u64) {
+    while connects(js) <= seen {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// How long a [`Follower`] keeps trying to recreate a lost consumer before it reports the failure.
+const FOLLOWER_RECOVERY: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Follower {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -448,26 +501,101 @@ impl Follower {
         from: u64,
         name: Option<String>,
     ) -> Result<Self, ConsumeError> {
+        let messages = Self::messages(js, stream, subjects.clone(), from, name.clone()).await?;
+        Ok(Self {
+            messages,
+            stream,
+            js: js.clone(),
+            subjects,
+            name,
+            next_sequence: from.max(1),
+            connects: connects(js),
+        })
+    }
+
+    async fn messages(
+        js: &jetstream::Context,
+        stream: Stream,
+        subjects: Vec<String>,
+        from: u64,
+        name: Option<String>,
+    ) -> Result<jetstream::consumer::pull::Ordered, ConsumeError> {
         let handle = stream_of(js, stream).await?;
         let consumer = ordered_consumer(&handle, stream, subjects, from, name).await?;
-        let messages = consumer
+        consumer
             .messages()
             .await
-            .map_err(|e| ordered_err(stream, &e))?;
-        Ok(Self { messages, stream })
+            .map_err(|e| ordered_err(stream, &e))
     }
 
     /// The next frame; waits for one to be published. `None` when the subscription ended.
+    ///
+    /// The consumer is ephemeral: a restarting nats-server loses it, and async-nats then reports failed pulls
+    /// ("consumer not found") instead of recreating it. So a failure recreates it right after the last frame
+    /// handed out, retrying for up to a minute before the error is returned.
     pub async fn next(&mut self) -> Option<Result<ReceivedFrame, ConsumeError>> {
-        let message = self.messages.next().await?;
-        Some(
-            message
-                .map_err(|e| ConsumeError::Fetch {
-                    durable: format!("(ordered {})", self.stream.name()),
-                    reason: e.to_string(),
-                })
-                .and_then(|m| received_frame(&m)),
-        )
+        let mut failing_since: Option<std::time::Instant> = None;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let next = tokio::select! {
+                next = self.messages.next() => match next? {
+                    Ok(message) => Ok(message),
+                    Err(e) => Err(e.to_string()),
+                },
+                // async-nats notices a lost ordered consumer only when a pull fails, up to 15 s after the
+                // server came back; meanwhile a service would act on a view that stands still. A reconnect
+                // may mean a restarted server, which lost every ephemeral consumer: recreate it now.
+                () = reconnected(&self.js, self.connects) => {
+                    Err("reconnected to nats-server (ephemeral consumers may be gone)".to_string())
+                }
+            };
+            let error = match next {
+                Ok(message) => {
+                    let frame = received_frame(&message);
+                    if let Ok(frame) = &frame {
+                        self.next_sequence = frame.stream_sequence + 1;
+                    }
+                    return Some(frame);
+                }
+                Err(e) => e,
+            };
+            let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+            tracing::warn!(stream = self.stream.name(), error = %error, from = self.next_sequence, "ordered consumer failed; recreating it");
+            loop {
+                if since.elapsed() > FOLLOWER_RECOVERY {
+                    return Some(Err(ConsumeError::Fetch {
+                        durable: format!("(ordered {})", self.stream.name()),
+                        reason: error,
+                    }));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                // A named consumer may still exist (the failure was not its loss); it is made again from here.
+                if let Some(name) = &self.name
+                    && let Ok(handle) = stream_of(&self.js, self.stream).await
+                {
+                    let _ = handle.delete_consumer(name).await;
+                }
+                match Self::messages(
+                    &self.js,
+                    self.stream,
+                    self.subjects.clone(),
+                    self.next_sequence,
+                    self.name.clone(),
+                )
+                .await
+                {
+                    Ok(messages) => {
+                        self.messages = messages;
+                        self.connects = connects(&self.js);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = self.stream.name(), error = %e, "recreating the ordered consumer failed; retrying")
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -175,7 +175,7 @@ pub async fn run(
     // Bind first: a missing ALLOCATIONS stream fails before the worker announces itself.
     let spec = ConsumerSpec::new(Stream::Allocations, config.durable())
         .filter_subjects([Subject::allocations(&worker).to_string()]);
-    let consumer = FrameConsumer::bind(&bus.jetstream, &spec).await?;
+    let mut consumer = FrameConsumer::bind(&bus.jetstream, &spec).await?;
 
     tracing::info!(
         worker = %worker,
@@ -260,7 +260,7 @@ pub async fn run(
         attestation.abort_handle(),
     ]);
 
-    let fatal = consume(&agent, &consumer, &queue_tx, &cancel).await;
+    let fatal = consume(&agent, &bus, &spec, &mut consumer, &queue_tx, &cancel).await;
 
     let reason = match &fatal {
         None => "shutdown requested".to_owned(),
@@ -422,7 +422,9 @@ impl Agent {
 /// Fetches allocation frames until `cancel`; returns the error that stopped it early, if any.
 async fn consume(
     agent: &Agent,
-    consumer: &FrameConsumer,
+    bus: &Bus,
+    spec: &ConsumerSpec,
+    consumer: &mut FrameConsumer,
     queue: &mpsc::UnboundedSender<Queued>,
     cancel: &CancellationToken,
 ) -> Option<ConsumeError> {
@@ -441,12 +443,27 @@ async fn consume(
             }
             Err(e @ ConsumeError::NoStream { .. }) => return Some(e),
             Err(e) => {
-                tracing::warn!(worker = %agent.config.worker_id, error = %e, "fetching allocations failed; retrying");
-                tokio::select! {
-                    () = cancel.cancelled() => return None,
-                    () = tokio::time::sleep(backoff) => {}
+                tracing::warn!(worker = %agent.config.worker_id, error = %e, "fetching allocations failed; starting again after the last acked frame");
+                // Frames of the failed fetch may be lost on the way while the server counts them delivered;
+                // the next batch's ack would cover them. Deliver again after what was acked: the ledger
+                // recognises allocations seen before.
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return None,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    match consumer.rewind_to_ack_floor(&bus.jetstream, spec).await {
+                        Ok(floor) => {
+                            tracing::info!(worker = %agent.config.worker_id, after = floor, "allocations consumer rewound");
+                            break;
+                        }
+                        Err(e @ ConsumeError::NoStream { .. }) => return Some(e),
+                        Err(e) => {
+                            tracing::warn!(worker = %agent.config.worker_id, error = %e, "rewinding the allocations consumer failed; retrying")
+                        }
+                    }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
