@@ -422,8 +422,9 @@ async fn workers_are_paid_exactly_what_they_earned_and_duplicates_accrue_once() 
                  FROM worker_payments",
                 &[],
             )
-            .await
-            .unwrap();
+            .await;
+        // The projector may still be migrating a fresh database on a busy machine: not there yet.
+        let Ok(rows) = rows else { return false };
         rows.len() == 3
             && rows.iter().all(|r| {
                 let worker = WorkerId::new(r.get::<_, String>(0)).unwrap();
@@ -621,8 +622,9 @@ async fn transfers_the_wallet_cannot_cover_stay_unpaid_and_are_reported() {
                  FROM worker_payments",
                 &[],
             )
-            .await
-            .unwrap();
+            .await;
+        // The projector may still be migrating a fresh database on a busy machine: not there yet.
+        let Ok(row) = row else { return false };
         row.get::<_, i64>(0) == 2
             && row.get::<_, i64>(1) == 4 * TON as i64
             && row.get::<_, i64>(2) == 2 * TON as i64
