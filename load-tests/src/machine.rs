@@ -1,4 +1,5 @@
-//! What the benchmarks read off the machine they run on: process CPU time, the date, a server's pid.
+//! What the benchmarks read off the machine they run on: process CPU time and resident memory, the date, a
+//! server's pid.
 
 /// `date -u`, ISO 8601.
 pub fn date_utc() -> String {
@@ -99,4 +100,108 @@ pub fn description() -> String {
         "{} CPUs ({model}), {memory} memory, kernel {kernel}",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     )
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`, in KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// VmRSS: everything resident (= anon + file + shmem).
+    pub rss_kib: u64,
+    /// RssAnon: private memory (heap, stacks): what a leak grows.
+    pub anon_kib: u64,
+    /// RssFile: mapped files (the binary, libraries).
+    pub file_kib: u64,
+    /// RssShmem: shared memory touched (for Postgres, the pages of shared buffers this backend has read).
+    pub shmem_kib: u64,
+}
+
+impl std::ops::Add for Memory {
+    type Output = Memory;
+
+    fn add(self, other: Memory) -> Memory {
+        Memory {
+            rss_kib: self.rss_kib + other.rss_kib,
+            anon_kib: self.anon_kib + other.anon_kib,
+            file_kib: self.file_kib + other.file_kib,
+            shmem_kib: self.shmem_kib + other.shmem_kib,
+        }
+    }
+}
+
+/// The resident memory of `pid`; `None` when it is gone (or not readable).
+pub fn memory(pid: u32) -> Option<Memory> {
+    parse_status(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+fn parse_status(status: &str) -> Option<Memory> {
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(Memory {
+        rss_kib: field("VmRSS:")?,
+        anon_kib: field("RssAnon:").unwrap_or(0),
+        file_kib: field("RssFile:").unwrap_or(0),
+        shmem_kib: field("RssShmem:").unwrap_or(0),
+    })
+}
+
+/// The parent pid of `pid`, from `/proc/<pid>/stat` (field 4, after the parenthesised command name).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The children of `parent` whose command line contains `needle` (e.g. a Node server's script name).
+pub fn children_with(parent: u32, needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| parent_pid(pid) == Some(parent))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_are_read_in_kib() {
+        let status = "Name:\tx\nVmPeak:\t  9 kB\nVmRSS:\t   12345 kB\nRssAnon:\t    1000 kB\nRssFile:\t   11000 kB\nRssShmem:\t     345 kB\n";
+        assert_eq!(
+            parse_status(status),
+            Some(Memory {
+                rss_kib: 12_345,
+                anon_kib: 1_000,
+                file_kib: 11_000,
+                shmem_kib: 345
+            })
+        );
+        assert_eq!(parse_status("Name:\tkthread\n"), None);
+    }
+
+    #[test]
+    fn this_process_is_readable() {
+        let me = memory(std::process::id()).expect("own status");
+        assert!(me.rss_kib > 0 && me.rss_kib >= me.anon_kib);
+        assert!(parent_pid(std::process::id()).is_some());
+        assert!(cpu_seconds("/proc/self/stat").is_some());
+    }
 }

@@ -63,6 +63,10 @@ impl FaultPoint {
     }
 }
 
+/// Transactions asked for in the first page of a search for a settlement's message, and at most per page.
+const SEARCH_FIRST_PAGE: u32 = 2;
+const SEARCH_MAX_PAGE: u32 = 32;
+
 #[derive(Debug, Clone)]
 pub struct SettlerConfig {
     /// Names this instance as the producer of its events.
@@ -694,21 +698,34 @@ impl Settler {
 
     /// Looks for the settlement's message among the wallet's transactions, newest first, down to the one
     /// that used its seqno (or an older one).
+    ///
+    /// Pages start small and double: the message sought is almost always among the newest few transactions
+    /// (one settlement is in flight at a time), and a wallet transaction of 255 transfers is about 100 KB of
+    /// JSON, so 50 of them overflow the HTTP client's response bound. A page that overflows it is asked again
+    /// at half the size.
     async fn search(&self, s: &Settlement) -> Result<Search, TonError> {
-        const PAGE: u32 = 50;
         let address = self.wallet.address();
         let n = s.prepared.wallet_seqno;
         let mut from: Option<(u64, String)> = None;
         let mut searched = 0u32;
+        let mut page_size = SEARCH_FIRST_PAGE;
         while searched < self.config.search_limit {
-            let page = self
+            let answer = self
                 .ton
                 .transactions(
                     &address,
-                    PAGE,
+                    page_size,
                     from.as_ref().map(|(lt, h)| (*lt, h.as_str())),
                 )
-                .await?;
+                .await;
+            let page = match answer {
+                Err(TonError::Transport(httpc::HttpError::TooLarge { .. })) if page_size > 1 => {
+                    page_size /= 2;
+                    continue;
+                }
+                other => other?,
+            };
+            page_size = (page_size * 2).min(SEARCH_MAX_PAGE);
             // Paging starts at `from` inclusive: skip the one already seen.
             let fresh: Vec<Transaction> = page
                 .into_iter()
