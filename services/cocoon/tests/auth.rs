@@ -389,7 +389,11 @@ async fn every_role_works_on_its_own_credentials_and_nothing_more() {
     let _ = tokio::time::timeout(DEADLINE, settler_run).await;
 
     // The parties that did their own work drew no violation.
-    for (who, errors) in [("allocator", &allocator_errors), ("w1", &w1_errors)] {
+    for (who, errors) in [
+        ("allocator", &allocator_errors),
+        ("w1", &w1_errors),
+        ("settler", &settler_errors),
+    ] {
         let seen = errors.0.lock().unwrap().clone();
         assert!(seen.is_empty(), "{who}: {seen:?}");
     }
