@@ -115,7 +115,16 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(args))
+    // On SIGINT or SIGTERM the run is dropped, which stops the servers and services it started, and says so: a
+    // run that vanished without a word would look like a crash.
+    runtime.block_on(async {
+        tokio::select! {
+            result = run(args) => result,
+            () = bus::stop_requested() => {
+                bail!("stopped by a signal (SIGINT or SIGTERM) at {}", machine::date_utc())
+            }
+        }
+    })
 }
 
 /// A service process.
@@ -645,6 +654,23 @@ async fn read_model_checks(
     Ok(f)
 }
 
+/// An account's balance on the local chain, asked up to five times (the Node server resets a connection now and
+/// then when it is busy); `None` when it never answered.
+async fn chain_balance(chain: &settler::Toncenter, address: &str) -> Option<u64> {
+    let mut backoff = Duration::from_millis(100);
+    for _ in 0..5 {
+        match chain.balance(address).await {
+            Ok(b) => return Some(b),
+            Err(e) => {
+                tracing::warn!(%address, error = %e, "balance not read; asking again");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+    }
+    None
+}
+
 /// Whether everything submitted is completed, paid and projected.
 async fn drained(
     tracker: &Arc<Mutex<Tracker>>,
@@ -1013,23 +1039,78 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if drained_ok { "yes" } else { "NO" }
     );
 
-    // Stop the fleet and the watchers; read the final state; stop the services.
+    // Stop the fleet and the watchers; read the final state; stop the services. From here on a failure is
+    // written into the report rather than ending the run without one.
+    let mut problems: Vec<String> = Vec::new();
     stop_fleet.cancel();
-    let fleet_report = fleet_task.await??;
-    fleet_publisher.flush().await.ok();
-    stop_watch.cancel();
-    let rows = sampler.await?;
-    let payments_seen = payments.await??;
-    drop(samples_tx);
-    collector.await?;
-    let mut checks = read_model_checks(&pg, &model).await?;
-    let wallet_left = ton.balance(ton.wallet()).await;
-    checks.wallet_spent = Some(u128::from(wallet_balance.saturating_sub(wallet_left)));
-    let mut on_chain = 0u128;
-    for plan in &plans {
-        on_chain += u128::from(ton.balance(&fleet::payout_address(&plan.id)).await);
+    let fleet_report = match fleet_task.await {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => {
+            problems.push(format!("the simulated fleet failed: {e}"));
+            FleetReport::default()
+        }
+        Err(e) => {
+            problems.push(format!("the simulated fleet's task failed: {e}"));
+            FleetReport::default()
+        }
+    };
+    if let Err(e) = fleet_publisher.flush().await {
+        problems.push(format!("the fleet's last events: {e}"));
     }
-    checks.on_chain = Some((on_chain, plans.len()));
+    stop_watch.cancel();
+    let rows = sampler.await.unwrap_or_else(|e| {
+        problems.push(format!("the sampler failed: {e}"));
+        Vec::new()
+    });
+    let payments_seen = match payments.await {
+        Ok(Ok(seen)) => seen,
+        Ok(Err(e)) => {
+            problems.push(format!("following PAYMENTS failed: {e}"));
+            PaymentsSeen::default()
+        }
+        Err(e) => {
+            problems.push(format!("following PAYMENTS failed: {e}"));
+            PaymentsSeen::default()
+        }
+    };
+    drop(samples_tx);
+    if let Err(e) = collector.await {
+        problems.push(format!("the collector failed: {e}"));
+    }
+    let mut checks = match read_model_checks(&pg, &model).await {
+        Ok(checks) => checks,
+        Err(e) => {
+            problems.push(format!("reading the read model failed: {e:#}"));
+            FinalChecks::default()
+        }
+    };
+    println!("  reading {} balances on the local chain …", plans.len() + 1);
+    let chain = settler::Toncenter::new(
+        ton.url(),
+        None,
+        httpc::HttpClient::new(&httpc::ClientConfig::new(), false)?,
+    );
+    match chain_balance(&chain, ton.wallet()).await {
+        Some(left) => {
+            checks.wallet_spent = Some(u128::from(wallet_balance.saturating_sub(left)));
+        }
+        None => problems.push("the pool wallet's balance could not be read".to_owned()),
+    }
+    let mut on_chain = 0u128;
+    let mut unreadable = 0usize;
+    for plan in &plans {
+        match chain_balance(&chain, &fleet::payout_address(&plan.id)).await {
+            Some(b) => on_chain += u128::from(b),
+            None => unreadable += 1,
+        }
+    }
+    if unreadable > 0 {
+        problems.push(format!(
+            "{unreadable} payout balances could not be read from the local chain"
+        ));
+    } else {
+        checks.on_chain = Some((on_chain, plans.len()));
+    }
     let mut stopped = Vec::new();
     for s in services {
         stopped.push(s.stop().await);
@@ -1072,6 +1153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         wallet_balance,
         quiet: &quiet_line,
         service_log: &args.service_log,
+        problems: &problems,
     };
     let (summary, outcome) = report.write(&report_dir)?;
     std::fs::copy(&args.scenario, report_dir.join("scenario.toml"))?;
@@ -1133,6 +1215,8 @@ struct Report<'a> {
     wallet_balance: u64,
     quiet: &'a str,
     service_log: &'a str,
+    /// What went wrong while finishing the run (each makes the outcome wrong).
+    problems: &'a [String],
 }
 
 /// One process's memory over the run, and whether it stayed flat over the load.
@@ -1272,7 +1356,11 @@ impl Report<'_> {
             sum <= u128::from(c.paid.0)
                 && u128::from(c.paid.0) - sum <= u128::from(c.paid.0) / 100 + 1_000_000
         });
-        let exact = totals.is_exact() && self.drained && read_model_ok && chain_ok;
+        let exact = totals.is_exact()
+            && self.drained
+            && read_model_ok
+            && chain_ok
+            && self.problems.is_empty();
 
         // Memory over the load.
         let names = self.watched;
@@ -1553,6 +1641,7 @@ impl Report<'_> {
             && c.accrual_rows == c.accrual_tasks
             && c.paid_task_rows == c.paid_tasks;
         let unfinished = !self.drained
+            && self.problems.is_empty()
             && nothing_twice
             && totals.not_completed == 0
             && c.paid_tasks == totals.paid as i64
@@ -1589,6 +1678,9 @@ impl Report<'_> {
             },
             if chain_ok { "agrees" } else { "DISAGREES" },
         );
+        for p in self.problems {
+            let _ = writeln!(verdict, "- PROBLEM: {p}");
+        }
         let mem_line: Vec<String> = flat
             .iter()
             .map(

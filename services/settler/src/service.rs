@@ -14,6 +14,10 @@
 //!   Not found and no longer acceptable (valid_until passed with the seqno unchanged, or the seqno moved on
 //!   and none of the wallet's transactions since the batch was prepared carries it) → SettlementExpired; its
 //!   accruals are pending again and go into a new batch.
+//! - **The chain never holds up the books.** Each call to the TON API (reading the seqno, checking an open
+//!   settlement, sending its message) runs as a job beside the main loop, one at a time, while completions
+//!   go on accruing; its answer is acted on (events published, fenced as above) back in the main loop. On a
+//!   busy chain a check or a send takes seconds, and accruals waiting on it were the pool's payment limit.
 //! - A crash anywhere loses nothing: everything it knows is in the log and on chain, and a restart resumes
 //!   the open settlement by resending the recorded message.
 
@@ -35,10 +39,11 @@ use events::{
     CodecConfig, Envelope, Event, EventRecord, Partitions, ProducerId, Stream, Timestamp,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{BatchPolicy, Ledger, Payee, Settlement, SettlementStatus};
-use crate::toncenter::{SendOutcome, TonError, Toncenter, Transaction};
+use crate::toncenter::{AccountInfo, SendOutcome, TonError, Toncenter, Transaction};
 use crate::wallet::{PoolWallet, same_account};
 
 /// Where a test may stop the settler as if it had been killed there.
@@ -119,6 +124,8 @@ pub enum SettlerError {
     Publish(String),
     #[error("a follower of {0} stopped")]
     FollowerStopped(&'static str),
+    #[error("a call to the TON API panicked or was aborted: {0}")]
+    ChainJob(String),
     #[error("stopped at the injected fault point {0:?} (testing)")]
     Fault(FaultPoint),
     #[error(
@@ -271,6 +278,8 @@ pub async fn run(
 
     let mut tick = tokio::time::interval(settler.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // At most one chain job at a time; dropping the set (on any return) aborts it.
+    let mut chain: JoinSet<ChainAnswer> = JoinSet::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -281,12 +290,53 @@ pub async fn run(
                 let arrival = arrival.ok_or(SettlerError::FollowerStopped("TASKS"))??;
                 settler.fold(arrival).await?;
             }
+            Some(answer) = chain.join_next(), if !chain.is_empty() => {
+                let answer = answer.map_err(|e| SettlerError::ChainJob(e.to_string()))?;
+                settler.flush().await?;
+                if let Some(job) = settler.on_answer(answer).await? {
+                    settler.start(job, &mut chain);
+                }
+            }
             _ = tick.tick() => {
                 settler.flush().await?;
-                settler.step().await?;
+                if chain.is_empty()
+                    && let Some(job) = settler.step().await?
+                {
+                    settler.start(job, &mut chain);
+                }
             }
         }
     }
+}
+
+/// A call to the TON API, run beside the main loop.
+enum ChainJob {
+    /// The wallet's next seqno, read before a batch is prepared.
+    Seqno,
+    /// An open settlement's state on chain: one snapshot of the wallet, then a search of its transactions.
+    Check(SettlementId),
+    /// A (re)send of a settlement's recorded message.
+    Send(SettlementId),
+}
+
+/// What a chain job found.
+enum ChainAnswer {
+    Seqno(Result<WalletNext, TonError>),
+    Check {
+        id: SettlementId,
+        found: Result<(AccountInfo, Search), (&'static str, TonError)>,
+    },
+    Send {
+        id: SettlementId,
+        outcome: Result<SendOutcome, TonError>,
+    },
+}
+
+/// The seqno the next message must carry.
+enum WalletNext {
+    Seqno { seqno: u32, deploy: bool },
+    /// The wallet is neither active nor deployable (not funded): nothing can be sent.
+    Unavailable { state: String, balance: u64 },
 }
 
 impl Settler {
@@ -399,23 +449,24 @@ impl Settler {
         Ok(())
     }
 
-    /// One round: drive the open settlement, or plan the next.
-    async fn step(&mut self) -> Result<(), SettlerError> {
+    /// One round: check the open settlement, or plan the next (reporting parked payouts); what needs the chain
+    /// is returned as a job.
+    async fn step(&mut self) -> Result<Option<ChainJob>, SettlerError> {
         let totals = self.ledger.totals();
         metrics::gauge!("settler_pending_nanoton").set(totals.pending as f64);
         metrics::gauge!("settler_in_flight_nanoton").set(totals.in_flight as f64);
         metrics::gauge!("settler_parked_nanoton").set(totals.parked as f64);
         metrics::gauge!("settler_unpriced_completions").set(self.unpriced.len() as f64);
-        let open = self.ledger.open_settlements().next().cloned();
+        let open = self.ledger.open_settlements().next().map(|s| s.prepared.settlement_id);
         if let Some(open) = open {
             if self
                 .last_check
                 .is_some_and(|at| at.elapsed() < self.config.check_interval)
             {
-                return Ok(());
+                return Ok(None);
             }
             self.last_check = Some(Instant::now());
-            return self.drive(&open).await;
+            return Ok(Some(ChainJob::Check(open)));
         }
         let plan = self.ledger.plan(Timestamp::now(), &self.config.policy);
         for parked in plan.park {
@@ -428,28 +479,97 @@ impl Settler {
                 .apply(&record.event, record.envelope.occurred_at);
         }
         self.flush().await?;
-        if let Some(batch) = plan.batch {
-            self.prepare(batch).await?;
-        }
-        Ok(())
+        // A batch is due: read the seqno first; the batch itself is planned again when it is known.
+        Ok(plan.batch.map(|_| ChainJob::Seqno))
     }
 
-    async fn prepare(&mut self, batch: crate::ledger::Batch) -> Result<(), SettlerError> {
+    /// Runs `job` beside the main loop, on its own handle to the API.
+    fn start(&mut self, job: ChainJob, chain: &mut JoinSet<ChainAnswer>) {
+        let ton = self.ton.clone();
         let address = self.wallet.address();
-        let (seqno, deploy) = match self.ton.seqno(&address).await {
-            Ok(Some(seqno)) => (seqno, false),
-            Ok(None) => match self.ton.account(&address).await {
-                Ok(info) if info.state == "uninitialized" && info.balance > 0 => (0, true),
-                Ok(info) => {
-                    tracing::error!(wallet = %address, state = %info.state, balance = info.balance,
-                        "the pool wallet is not active and cannot deploy itself; fund it");
-                    metrics::counter!("settler_wallet_unavailable_total").increment(1);
-                    return Ok(());
+        match job {
+            ChainJob::Seqno => {
+                chain.spawn(async move { ChainAnswer::Seqno(next_seqno(&ton, &address).await) });
+            }
+            ChainJob::Check(id) => {
+                let Some(s) = self.ledger.settlement(&id) else {
+                    return;
+                };
+                let seqno = s.prepared.wallet_seqno;
+                let hash = s.prepared.message_hash.clone();
+                let limit = self.config.search_limit;
+                chain.spawn(async move {
+                    // One snapshot of the wallet (its seqno, in its data, and the chain time of that state),
+                    // read before the search: a message that executes in between is found by the search,
+                    // never taken for expired.
+                    let found = match ton.account(&address).await {
+                        Err(e) => Err(("reading the pool wallet", e)),
+                        Ok(snapshot) => search(&ton, &address, seqno, &hash, limit)
+                            .await
+                            .map(|found| (snapshot, found))
+                            .map_err(|e| ("searching the wallet's transactions", e)),
+                    };
+                    ChainAnswer::Check { id, found }
+                });
+            }
+            ChainJob::Send(id) => {
+                let Some(s) = self.ledger.settlement(&id) else {
+                    return;
+                };
+                let boc = s.prepared.signed_message.clone();
+                self.last_send.insert(id, Instant::now());
+                chain.spawn(async move {
+                    ChainAnswer::Send {
+                        id,
+                        outcome: ton.send_boc(&boc).await,
+                    }
+                });
+            }
+        }
+    }
+
+    /// Acts on a chain job's answer, against the books as they are now; returns the job that follows, if any.
+    async fn on_answer(&mut self, answer: ChainAnswer) -> Result<Option<ChainJob>, SettlerError> {
+        match answer {
+            ChainAnswer::Seqno(Err(e)) => self.transient("reading the wallet's seqno", e),
+            ChainAnswer::Seqno(Ok(WalletNext::Unavailable { state, balance })) => {
+                tracing::error!(wallet = %self.wallet.address(), %state, balance,
+                    "the pool wallet is not active and cannot deploy itself; fund it");
+                metrics::counter!("settler_wallet_unavailable_total").increment(1);
+                Ok(None)
+            }
+            ChainAnswer::Seqno(Ok(WalletNext::Seqno { seqno, deploy })) => {
+                if self.ledger.open_settlements().next().is_some() {
+                    return Ok(None);
                 }
-                Err(e) => return self.transient("reading the pool wallet", e),
+                // Planned again: completions accrued while the seqno was read go in too.
+                match self.ledger.plan(Timestamp::now(), &self.config.policy).batch {
+                    Some(batch) => self.prepare(batch, seqno, deploy).await,
+                    None => Ok(None),
+                }
+            }
+            ChainAnswer::Check { found: Err((what, e)), .. } => self.transient(what, e),
+            ChainAnswer::Check {
+                id,
+                found: Ok((snapshot, search)),
+            } => match self.ledger.settlement(&id).filter(|s| s.is_open()).cloned() {
+                Some(s) => self.drive(&s, snapshot, search).await,
+                None => Ok(None),
             },
-            Err(e) => return self.transient("reading the wallet's seqno", e),
-        };
+            ChainAnswer::Send { id, outcome } => match self.ledger.settlement(&id).cloned() {
+                Some(s) => self.sent(&s, outcome).await,
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Signs the batch with `seqno` and stores its SettlementPrepared, fenced; the send follows as a job.
+    async fn prepare(
+        &mut self,
+        batch: crate::ledger::Batch,
+        seqno: u32,
+        deploy: bool,
+    ) -> Result<Option<ChainJob>, SettlerError> {
         let now = Timestamp::now();
         let valid_until_s = u32::try_from(
             (now.as_millis() / 1000).saturating_add(self.config.message_ttl.as_secs() as i64),
@@ -471,7 +591,7 @@ impl Settler {
                 // Addresses are checked before batching, so this is a bug: say so loudly, keep the accruals.
                 tracing::error!(error = %e, "cannot build the settlement message");
                 metrics::counter!("settler_build_errors_total").increment(1);
-                return Ok(());
+                return Ok(None);
             }
         };
         metrics::histogram!("settler_sign_seconds").record(started.elapsed().as_secs_f64());
@@ -493,7 +613,7 @@ impl Settler {
                 tracing::debug!(
                     "PAYMENTS moved since it was last read; planning again once it is read"
                 );
-                return Ok(());
+                return Ok(None);
             }
         }
         self.ledger
@@ -503,23 +623,22 @@ impl Settler {
         tracing::info!(settlement = %id, seqno, payouts = payout_count, total = %batch.total,
             reason = batch.reason.as_str(), "settlement prepared");
         self.fault(FaultPoint::AfterPrepared)?;
-        let settlement = self.ledger.settlement(&id).cloned();
-        if let Some(settlement) = settlement {
-            self.send(&settlement).await?;
-        }
-        Ok(())
+        Ok(Some(ChainJob::Send(id)))
     }
 
-    /// Sends (or resends) the recorded message, then records the send.
-    async fn send(&mut self, s: &Settlement) -> Result<(), SettlerError> {
+    /// Records a (re)send of the settlement's message that the API accepted.
+    async fn sent(
+        &mut self,
+        s: &Settlement,
+        outcome: Result<SendOutcome, TonError>,
+    ) -> Result<Option<ChainJob>, SettlerError> {
         let id = s.prepared.settlement_id;
-        self.last_send.insert(id, Instant::now());
-        match self.ton.send_boc(&s.prepared.signed_message).await {
+        match outcome {
             Ok(SendOutcome::Accepted { .. }) => {}
             Ok(SendOutcome::Refused { reason }) => {
                 // Usually: already executed (the seqno moved on) or expired. The next check tells which.
                 tracing::info!(settlement = %id, %reason, "the message was not accepted");
-                return Ok(());
+                return Ok(None);
             }
             Err(e) => return self.transient("sending the settlement", e),
         }
@@ -527,7 +646,7 @@ impl Settler {
         self.fault(FaultPoint::AfterSend)?;
         let sends = match s.status {
             SettlementStatus::Open { sends } => sends + 1,
-            _ => return Ok(()),
+            _ => return Ok(None),
         };
         let record = EventRecord::new(
             self.producer.clone(),
@@ -540,37 +659,35 @@ impl Settler {
         self.publish_one(&record, None).await?;
         self.ledger
             .apply(&record.event, record.envelope.occurred_at);
-        Ok(())
+        Ok(None)
     }
 
-    async fn drive(&mut self, s: &Settlement) -> Result<(), SettlerError> {
+    /// Decides an open settlement from what a check found on chain: confirmed, expired, resend (as a job), or
+    /// wait.
+    async fn drive(
+        &mut self,
+        s: &Settlement,
+        snapshot: AccountInfo,
+        search: Search,
+    ) -> Result<Option<ChainJob>, SettlerError> {
         let id = s.prepared.settlement_id;
         let n = s.prepared.wallet_seqno;
-        // One snapshot of the wallet (its seqno, in its data, and the chain time of that state), read before
-        // the search: a message that executes in between is found by the search, never taken for expired.
-        let snapshot = match self.ton.account(&self.wallet.address()).await {
-            Ok(info) => info,
-            Err(e) => return self.transient("reading the pool wallet", e),
-        };
         let Some(seqno) = (snapshot.state == "active")
             .then(|| crate::wallet::seqno_from_data(&snapshot.data))
             .flatten()
         else {
             tracing::warn!(settlement = %id, state = %snapshot.state, "the pool wallet's state shows no seqno; checking again");
             metrics::counter!("settler_ton_errors_total").increment(1);
-            return Ok(());
+            return Ok(None);
         };
         // The chain's time of that state; this host's clock only when the API does not say.
         let chain_now_s = snapshot
             .sync_utime
             .unwrap_or_else(|| (Timestamp::now().as_millis() / 1000).max(0) as u64);
-        let search = match self.search(s).await {
-            Ok(search) => search,
-            Err(e) => return self.transient("searching the wallet's transactions", e),
-        };
         if let Search::Found(tx) = search {
             self.fault(FaultPoint::BeforeConfirmed)?;
-            return self.confirm(s, &tx).await;
+            self.confirm(s, &tx).await?;
+            return Ok(None);
         }
         let valid_until_s = (s.prepared.valid_until.as_millis() / 1000).max(0) as u64;
         let past_valid_until = chain_now_s > valid_until_s + self.config.expiry_grace.as_secs();
@@ -599,7 +716,7 @@ impl Settler {
                 },
             );
             if let Fenced::Behind = self.publish_one(&record, Some(self.fence())).await? {
-                return Ok(());
+                return Ok(None);
             }
             self.ledger
                 .apply(&record.event, record.envelope.occurred_at);
@@ -614,16 +731,13 @@ impl Settler {
                 _ => tracing::warn!(settlement = %id, seqno = n,
                     "settlement expired unexecuted; its accruals go into a new batch"),
             }
-            return Ok(());
+            return Ok(None);
         }
         let due = self
             .last_send
             .get(&id)
             .is_none_or(|at| at.elapsed() >= self.config.resend_interval);
-        if seqno == n && chain_now_s < valid_until_s && due {
-            self.send(s).await?;
-        }
-        Ok(())
+        Ok((seqno == n && chain_now_s < valid_until_s && due).then_some(ChainJob::Send(id)))
     }
 
     async fn confirm(&mut self, s: &Settlement, tx: &Transaction) -> Result<(), SettlerError> {
@@ -696,83 +810,11 @@ impl Settler {
         Ok(())
     }
 
-    /// Looks for the settlement's message among the wallet's transactions, newest first, down to the one
-    /// that used its seqno (or an older one).
-    ///
-    /// Pages start small and double: the message sought is almost always among the newest few transactions
-    /// (one settlement is in flight at a time), and a wallet transaction of 255 transfers is about 100 KB of
-    /// JSON, so 50 of them overflow the HTTP client's response bound. A page that overflows it is asked again
-    /// at half the size.
-    async fn search(&self, s: &Settlement) -> Result<Search, TonError> {
-        let address = self.wallet.address();
-        let n = s.prepared.wallet_seqno;
-        let mut from: Option<(u64, String)> = None;
-        let mut searched = 0u32;
-        let mut page_size = SEARCH_FIRST_PAGE;
-        while searched < self.config.search_limit {
-            let answer = self
-                .ton
-                .transactions(
-                    &address,
-                    page_size,
-                    from.as_ref().map(|(lt, h)| (*lt, h.as_str())),
-                )
-                .await;
-            let page = match answer {
-                Err(TonError::Transport(httpc::HttpError::TooLarge { .. })) if page_size > 1 => {
-                    page_size /= 2;
-                    continue;
-                }
-                other => other?,
-            };
-            page_size = (page_size * 2).min(SEARCH_MAX_PAGE);
-            // Paging starts at `from` inclusive: skip the one already seen.
-            let fresh: Vec<Transaction> = page
-                .into_iter()
-                .filter(|t| from.as_ref().is_none_or(|(lt, _)| t.lt < *lt))
-                .collect();
-            if fresh.is_empty() {
-                return Ok(Search::Absent);
-            }
-            for tx in &fresh {
-                if tx
-                    .in_msg_hash
-                    .as_deref()
-                    .is_some_and(|h| hash_matches(h, &s.prepared.message_hash))
-                {
-                    return Ok(Search::Found(tx.clone()));
-                }
-                let used = tx
-                    .in_msg_external
-                    .then(|| {
-                        tx.in_msg_body
-                            .as_deref()
-                            .and_then(crate::wallet::signed_request_seqno)
-                    })
-                    .flatten();
-                match used {
-                    Some((seqno, _)) if seqno == n => {
-                        return Ok(Search::UsedBy {
-                            tx_hash: tx.hash_hex(),
-                        });
-                    }
-                    // Older than any message with this seqno could be.
-                    Some((seqno, _)) if seqno < n => return Ok(Search::Absent),
-                    _ => {}
-                }
-            }
-            searched += fresh.len() as u32;
-            let last = &fresh[fresh.len() - 1];
-            from = Some((last.lt, last.hash.clone()));
-        }
-        Ok(Search::Inconclusive)
-    }
-
     /// A failed call to the TON API: logged and retried next tick (the state is unchanged).
-    fn transient(&self, what: &str, e: TonError) -> Result<(), SettlerError> {
+    fn transient(&self, what: &str, e: TonError) -> Result<Option<ChainJob>, SettlerError> {
         tracing::warn!(error = %e, "{what} failed; retrying");
         metrics::counter!("settler_ton_errors_total").increment(1);
-        Ok(())
+        Ok(None)
     }
 
     fn fault(&self, point: FaultPoint) -> Result<(), SettlerError> {
@@ -826,6 +868,104 @@ enum Fenced {
     Stored,
     /// PAYMENTS has events this settler has not read yet.
     Behind,
+}
+
+/// Looks for the settlement's message among the wallet's transactions, newest first, down to the one
+/// that used its seqno (or an older one).
+///
+/// Pages start small and double: the message sought is almost always among the newest few transactions
+/// (one settlement is in flight at a time), and a wallet transaction of 255 transfers is about 100 KB of
+/// JSON, so 50 of them overflow the HTTP client's response bound. A page that overflows it is asked again
+/// at half the size.
+async fn search(
+    ton: &Toncenter,
+    address: &str,
+    n: u32,
+    message_hash: &str,
+    search_limit: u32,
+) -> Result<Search, TonError> {
+    let mut from: Option<(u64, String)> = None;
+    let mut searched = 0u32;
+    let mut page_size = SEARCH_FIRST_PAGE;
+    while searched < search_limit {
+        let answer = ton
+            .transactions(
+                address,
+                page_size,
+                from.as_ref().map(|(lt, h)| (*lt, h.as_str())),
+            )
+            .await;
+        let page = match answer {
+            Err(TonError::Transport(httpc::HttpError::TooLarge { .. })) if page_size > 1 => {
+                page_size /= 2;
+                continue;
+            }
+            other => other?,
+        };
+        page_size = (page_size * 2).min(SEARCH_MAX_PAGE);
+        // Paging starts at `from` inclusive: skip the one already seen.
+        let fresh: Vec<Transaction> = page
+            .into_iter()
+            .filter(|t| from.as_ref().is_none_or(|(lt, _)| t.lt < *lt))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(Search::Absent);
+        }
+        for tx in &fresh {
+            if tx
+                .in_msg_hash
+                .as_deref()
+                .is_some_and(|h| hash_matches(h, message_hash))
+            {
+                return Ok(Search::Found(tx.clone()));
+            }
+            let used = tx
+                .in_msg_external
+                .then(|| {
+                    tx.in_msg_body
+                        .as_deref()
+                        .and_then(crate::wallet::signed_request_seqno)
+                })
+                .flatten();
+            match used {
+                Some((seqno, _)) if seqno == n => {
+                    return Ok(Search::UsedBy {
+                        tx_hash: tx.hash_hex(),
+                    });
+                }
+                // Older than any message with this seqno could be.
+                Some((seqno, _)) if seqno < n => return Ok(Search::Absent),
+                _ => {}
+            }
+        }
+        searched += fresh.len() as u32;
+        let last = &fresh[fresh.len() - 1];
+        from = Some((last.lt, last.hash.clone()));
+    }
+    Ok(Search::Inconclusive)
+}
+
+/// The seqno the wallet's next message must carry: its current one, or 0 with the wallet's deployment when it
+/// is funded but not deployed yet.
+async fn next_seqno(ton: &Toncenter, address: &str) -> Result<WalletNext, TonError> {
+    if let Some(seqno) = ton.seqno(address).await? {
+        return Ok(WalletNext::Seqno {
+            seqno,
+            deploy: false,
+        });
+    }
+    let info = ton.account(address).await?;
+    Ok(if info.state == "uninitialized" && info.balance > 0 {
+        WalletNext::Seqno {
+            seqno: 0,
+            deploy: true,
+        }
+    } else {
+        WalletNext::Unavailable {
+            state: info.state,
+            balance: info.balance,
+        }
+    })
 }
 
 /// The API gives hashes in base64; settlements record them in hex.
