@@ -130,12 +130,15 @@ fn default_input_bytes() -> usize {
 #[serde(deny_unknown_fields, default)]
 pub struct AllocatorKnobs {
     pub heartbeat_timeout_ms: u64,
+    /// How long (of log time) the allocator remembers a finished task (`--finished-retention-s`).
+    pub finished_retention_s: u64,
 }
 
 impl Default for AllocatorKnobs {
     fn default() -> Self {
         Self {
             heartbeat_timeout_ms: 10_000,
+            finished_retention_s: 600,
         }
     }
 }

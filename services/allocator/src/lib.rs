@@ -15,6 +15,7 @@
 pub mod lease;
 pub mod pool;
 pub mod queue;
+pub mod recent;
 pub mod scoring;
 pub mod service;
 

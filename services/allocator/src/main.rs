@@ -36,6 +36,11 @@ struct Args {
     /// A task that no registered worker could ever fit is rejected after waiting this long.
     #[arg(long, default_value_t = 10_000)]
     reject_after_ms: u64,
+    /// How long (of log time) a finished task is remembered, so that a late or repeated event about it changes
+    /// nothing; then it is forgotten, which keeps memory bounded. Keep it well past the streams' 2-minute
+    /// duplicate window.
+    #[arg(long, default_value_t = 600)]
+    finished_retention_s: u64,
     /// Lease time to live; a standby takes over at most about this long after the active one dies.
     #[arg(long, default_value_t = 3_000)]
     lease_ttl_ms: u64,
@@ -61,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
             allow_unattested: args.allow_unattested,
             aging_interval: Duration::from_millis(args.aging_interval_ms),
             reject_after: Duration::from_millis(args.reject_after_ms),
+            finished_retention: Duration::from_secs(args.finished_retention_s),
             ..Default::default()
         },
         instance: args.instance.clone(),

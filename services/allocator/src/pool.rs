@@ -29,6 +29,7 @@ use events::{
 };
 
 use crate::queue::TaskQueue;
+use crate::recent::RecentSet;
 use crate::scoring::{self, GpuSlot, Misfit, Offer, WorkerLoad};
 
 /// Pool rules.
@@ -51,6 +52,11 @@ pub struct PoolConfig {
     pub batch_size: usize,
     /// Completed tasks remembered per worker for affinity.
     pub affinity_memory: usize,
+    /// A finished task is remembered (so that a late or repeated event about it changes nothing) for this
+    /// long of log time, then forgotten: the allocator's memory stays bounded however long it runs. Well
+    /// past the streams' 2-minute duplicate window and a lease's lifetime, the spans within which such an
+    /// event can arrive.
+    pub finished_retention: Duration,
 }
 
 impl Default for PoolConfig {
@@ -64,6 +70,7 @@ impl Default for PoolConfig {
             reject_after: Duration::from_secs(10),
             batch_size: 1024,
             affinity_memory: 4,
+            finished_retention: Duration::from_secs(600),
         }
     }
 }
@@ -207,6 +214,8 @@ pub struct PoolStats {
     pub tasks_waiting: usize,
     pub tasks_in_flight: usize,
     pub waiting_by_band: [usize; 3],
+    /// Finished tasks remembered (for `finished_retention`).
+    pub finished_remembered: usize,
 }
 
 /// The allocator's state.
@@ -220,8 +229,8 @@ pub struct Pool {
     by_tag: HashMap<String, BTreeSet<Key>>,
     tasks: HashMap<TaskId, Task>,
     queue: TaskQueue<TaskId>,
-    /// Tasks in a final state: later events about them change nothing.
-    finished: HashSet<TaskId>,
+    /// Tasks in a final state, for `finished_retention`: later events about them change nothing.
+    finished: RecentSet<TaskId>,
     /// Highest allocator epoch seen in the log.
     epoch_seen: u64,
 }
@@ -229,6 +238,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(config: PoolConfig, producer: ProducerId) -> Self {
         let queue = TaskQueue::new(config.aging_interval);
+        let finished = RecentSet::new(config.finished_retention);
         Self {
             config,
             producer,
@@ -238,7 +248,7 @@ impl Pool {
             by_tag: HashMap::new(),
             tasks: HashMap::new(),
             queue,
-            finished: HashSet::new(),
+            finished,
             epoch_seen: 0,
         }
     }
@@ -260,6 +270,7 @@ impl Pool {
             tasks_waiting: self.queue.len(),
             tasks_in_flight: self.tasks.len() - self.queue.len(),
             waiting_by_band,
+            finished_remembered: self.finished.len(),
         }
     }
 
@@ -346,7 +357,7 @@ impl Pool {
                     .and_then(|t| t.spec.requirements.model_tag.clone());
                 if self.advance(e.task_id, e.attempt, Phase::Ended, at, None) {
                     self.learn(&e.worker_id, e.usage.wall_ms, tag);
-                    self.finish(e.task_id);
+                    self.finish(e.task_id, stored_at);
                 }
             }
             Event::TaskFailed(e) => {
@@ -354,7 +365,7 @@ impl Pool {
                     return;
                 }
                 if !e.retryable {
-                    self.finish(e.task_id);
+                    self.finish(e.task_id, stored_at);
                 } else if let Some(t) = self.tasks.get_mut(&e.task_id) {
                     t.retry = Some(RequeueReason::RetryableFailure);
                 }
@@ -363,9 +374,9 @@ impl Pool {
                 let next = e.attempt.saturating_add(1);
                 self.advance(e.task_id, next, Phase::Waiting, at, None);
             }
-            Event::TaskCancelled(e) => self.finish(e.task_id),
-            Event::TaskExpired(e) => self.finish(e.task_id),
-            Event::TaskRejected(e) => self.finish(e.task_id),
+            Event::TaskCancelled(e) => self.finish(e.task_id, stored_at),
+            Event::TaskExpired(e) => self.finish(e.task_id, stored_at),
+            Event::TaskRejected(e) => self.finish(e.task_id, stored_at),
             Event::AllocationRevoked(e) => {
                 self.epoch_seen = self.epoch_seen.max(e.allocator_epoch);
                 // The attempt is over for the worker; the requeue (or expiry) that goes with it follows on
@@ -760,11 +771,12 @@ impl Pool {
         self.reindex(r.slot, seen);
     }
 
-    fn finish(&mut self, id: TaskId) {
+    /// Ends a task; `at` is the log's time (when the server stored the event that ended it).
+    fn finish(&mut self, id: TaskId, at: Timestamp) {
         self.release(id);
         self.queue.remove(&id);
         self.tasks.remove(&id);
-        self.finished.insert(id);
+        self.finished.insert(id, at);
     }
 
     /// A completed task teaches the worker's history and affinity.
@@ -996,7 +1008,9 @@ mod tests {
     use events::GpuMillis;
     use events::attestations::AttestationRejected;
     use events::payload::{Blob, Priority, Requirements};
-    use events::tasks::{TaskCompleted, TaskFailed, TaskStarted, TaskSubmitted, Usage};
+    use events::tasks::{
+        TaskCancelled, TaskCompleted, TaskFailed, TaskStarted, TaskSubmitted, Usage,
+    };
     use events::workers::{GpuInfo, GpuTelemetry, WorkerHeartbeat, WorkerRegistered};
     use proptest::prelude::*;
 
@@ -1563,6 +1577,64 @@ mod tests {
         p.apply(&allocation);
         assert_eq!(p.stats().workers_eligible, 1);
         assert!(p.allocate(at(4), 3).is_empty());
+    }
+
+    #[test]
+    fn a_finished_task_is_remembered_for_the_retention_of_log_time_and_then_forgotten() {
+        let mut p = Pool::new(
+            PoolConfig {
+                finished_retention: Duration::from_secs(60),
+                ..PoolConfig::default()
+            },
+            ProducerId::new("allocator-test").unwrap(),
+        );
+        worker(&mut p, one_gpu("w", 1), at(0));
+        let submitted = |task: TaskId, when: Timestamp| {
+            rec(
+                TaskSubmitted {
+                    task_id: task,
+                    client_id: ClientId::new("client").unwrap(),
+                    spec: spec(1, 60_000, 10, 5, None),
+                },
+                when,
+            )
+        };
+        let task = TaskId::new();
+        p.apply(&submitted(task, at(0)));
+        let (_, _, attempt) = allocated(&p.allocate(at(1), 1)).remove(0);
+        p.apply(&completed(task, "w", attempt, 1, at(2)));
+        assert_eq!(p.stats().finished_remembered, 1);
+        // The same submission stored again within the retention (a producer's retry) is ignored.
+        p.apply(&submitted(task, at(50)));
+        assert_eq!(p.stats().tasks_waiting, 0);
+        // The retention is the server's store time, not the events' own: a worker clock far ahead does not
+        // make it forget early.
+        let other = TaskId::new();
+        p.apply_stored(&submitted(other, at(10_000)), at(55));
+        heartbeat(&mut p, "w", &[(0, 0)], None, at(55));
+        let (_, _, attempt) = allocated(&p.allocate(at(56), 1)).remove(0);
+        p.apply_stored(&completed(other, "w", attempt, 1, at(20_000)), at(57));
+        assert_eq!(p.stats().finished_remembered, 2);
+        // Past the retention of log time, the first is forgotten: memory stays bounded.
+        let third = TaskId::new();
+        p.apply_stored(&submitted(third, at(63)), at(63));
+        p.apply_stored(
+            &rec(
+                TaskCancelled {
+                    task_id: third,
+                    reason: "test".into(),
+                },
+                at(63),
+            ),
+            at(63),
+        );
+        assert_eq!(p.stats().finished_remembered, 2);
+        p.apply_stored(&submitted(task, at(64)), at(64));
+        assert_eq!(
+            p.stats().tasks_waiting,
+            1,
+            "forgotten: the same id is a new task"
+        );
     }
 
     #[test]

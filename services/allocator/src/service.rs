@@ -307,6 +307,8 @@ pub async fn run(
         let stats = pool.stats();
         metrics::gauge!("allocator_tasks_waiting").set(stats.tasks_waiting as f64);
         metrics::gauge!("allocator_workers_eligible").set(stats.workers_eligible as f64);
+        metrics::gauge!("allocator_finished_tasks_remembered")
+            .set(stats.finished_remembered as f64);
     };
 
     helpers.cancel();

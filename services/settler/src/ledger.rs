@@ -8,6 +8,10 @@
 //! - in flight: carried by a prepared settlement that has not ended;
 //! - paid: carried by a confirmed settlement whose transaction sent its worker's transfer.
 //!
+//! What the books keep is sized for a settler that runs for months: a paid accrual shrinks to its task id
+//! (all that is left to know is that it must not accrue again), and an ended settlement drops its signed
+//! message and payouts (the log has them); only what is still to be paid is kept whole.
+//!
 //! A task only moves from pending or parked into a settlement, so no accrual is ever in two live
 //! settlements and none is ever paid twice; one that would be (a bug, or a second settler writing without
 //! the stream fence) is recorded as an anomaly and left where it was.
@@ -28,13 +32,12 @@ use tonlib_core::TonAddress;
 /// A wallet v5r1 message carries at most this many transfers.
 pub const MAX_PAYOUTS: usize = 255;
 
-/// Where an accrual stands.
+/// Where an accrual not yet paid stands (a paid one is only a task id in the books).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccrualState {
     Pending,
     Parked { reason: String },
     InFlight(SettlementId),
-    Paid(SettlementId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +74,13 @@ pub struct Settlement {
 impl Settlement {
     pub fn is_open(&self) -> bool {
         matches!(self.status, SettlementStatus::Open { .. })
+    }
+
+    /// Once ended, a settlement keeps its id, seqno, hash and status: its signed message (a few KB) and its
+    /// payouts (every task id) are in the log, and nothing decides on them any more.
+    fn forget_details(&mut self) {
+        self.prepared.signed_message = Vec::new();
+        self.prepared.payouts = Vec::new();
     }
 }
 
@@ -195,7 +205,10 @@ pub fn unpayable_reason(address: &str) -> Option<String> {
 /// The books. Feed it every PAYMENTS event in stream order ([`Ledger::apply`]) and every registration.
 #[derive(Debug, Default)]
 pub struct Ledger {
+    /// Accruals not paid yet: pending, parked or in flight.
     accruals: HashMap<TaskId, Accrual>,
+    /// Tasks whose accrual is paid: only their ids, so a repeated completion or accrual finds them.
+    paid_tasks: HashSet<TaskId>,
     /// The accruals that are pending or parked: all that batching looks at, however long the history.
     unsettled: HashSet<TaskId>,
     settlements: BTreeMap<SettlementId, Settlement>,
@@ -241,11 +254,17 @@ impl Ledger {
     }
 
     pub fn is_accrued(&self, task: &TaskId) -> bool {
-        self.accruals.contains_key(task)
+        self.accruals.contains_key(task) || self.paid_tasks.contains(task)
     }
 
+    /// An accrual not paid yet.
     pub fn accrual(&self, task: &TaskId) -> Option<&Accrual> {
         self.accruals.get(task)
+    }
+
+    /// Whether the task's accrual is paid.
+    pub fn is_paid(&self, task: &TaskId) -> bool {
+        self.paid_tasks.contains(task)
     }
 
     pub fn settlement(&self, id: &SettlementId) -> Option<&Settlement> {
@@ -266,7 +285,7 @@ impl Ledger {
     /// Cheap however long the history: it looks only at unsettled accruals and open settlements.
     pub fn totals(&self) -> Totals {
         let mut t = Totals {
-            accruals: self.accruals.len(),
+            accruals: self.accruals.len() + self.paid_tasks.len(),
             accrued: self.accrued,
             paid: self.paid,
             ..Totals::default()
@@ -331,7 +350,7 @@ impl Ledger {
     }
 
     fn accrue(&mut self, a: &PaymentAccrued, at: Timestamp) {
-        if self.accruals.contains_key(&a.task_id) {
+        if self.is_accrued(&a.task_id) {
             return;
         }
         self.accrued += u128::from(a.amount.0);
@@ -359,13 +378,17 @@ impl Ledger {
                             a.state = AccrualState::InFlight(s.settlement_id);
                             self.unsettled.remove(task);
                         }
-                        AccrualState::InFlight(other) | AccrualState::Paid(other) => {
+                        AccrualState::InFlight(other) => {
                             self.anomalies.push(format!(
                                 "settlement {} carries task {task}, already in settlement {other}",
                                 s.settlement_id
                             ));
                         }
                     },
+                    None if self.paid_tasks.contains(task) => self.anomalies.push(format!(
+                        "settlement {} carries task {task}, already paid",
+                        s.settlement_id
+                    )),
                     None => self.anomalies.push(format!(
                         "settlement {} carries task {task}, which never accrued",
                         s.settlement_id
@@ -420,11 +443,13 @@ impl Ledger {
                     a.state = AccrualState::Pending;
                     self.unsettled.insert(*task);
                 } else {
-                    a.state = AccrualState::Paid(c.settlement_id);
                     self.paid += u128::from(a.amount.0);
+                    self.accruals.remove(task);
+                    self.paid_tasks.insert(*task);
                 }
             }
         }
+        settlement.forget_details();
     }
 
     /// Ends a settlement that paid nothing: its accruals are pending again.
@@ -447,6 +472,7 @@ impl Ledger {
                 }
             }
         }
+        settlement.forget_details();
     }
 
     /// What batching would do at `now`: the workers to park (their payable accruals not yet reported) and,
@@ -912,7 +938,9 @@ mod tests {
         let second = prepare(&mut l, &again, 99 * SECOND);
         confirm(&mut l, second, &[], 100 * SECOND);
         assert_eq!(l.totals().paid, 500);
-        assert_eq!(l.accrual(&task).unwrap().state, AccrualState::Paid(second));
+        assert!(l.is_paid(&task));
+        assert_eq!(l.accrual(&task), None, "a paid accrual keeps only its task id");
+        assert!(l.settlement(&second).unwrap().prepared.payouts.is_empty());
         assert!(l.anomalies().is_empty());
     }
 
