@@ -1086,7 +1086,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             FinalChecks::default()
         }
     };
-    println!("  reading {} balances on the local chain …", plans.len() + 1);
+    println!(
+        "  reading {} balances on the local chain …",
+        plans.len() + 1
+    );
     let chain = settler::Toncenter::new(
         ton.url(),
         None,

@@ -939,7 +939,11 @@ mod tests {
         confirm(&mut l, second, &[], 100 * SECOND);
         assert_eq!(l.totals().paid, 500);
         assert!(l.is_paid(&task));
-        assert_eq!(l.accrual(&task), None, "a paid accrual keeps only its task id");
+        assert_eq!(
+            l.accrual(&task),
+            None,
+            "a paid accrual keeps only its task id"
+        );
         assert!(l.settlement(&second).unwrap().prepared.payouts.is_empty());
         assert!(l.anomalies().is_empty());
     }

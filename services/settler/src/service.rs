@@ -334,9 +334,15 @@ enum ChainAnswer {
 
 /// The seqno the next message must carry.
 enum WalletNext {
-    Seqno { seqno: u32, deploy: bool },
+    Seqno {
+        seqno: u32,
+        deploy: bool,
+    },
     /// The wallet is neither active nor deployable (not funded): nothing can be sent.
-    Unavailable { state: String, balance: u64 },
+    Unavailable {
+        state: String,
+        balance: u64,
+    },
 }
 
 impl Settler {
@@ -457,7 +463,11 @@ impl Settler {
         metrics::gauge!("settler_in_flight_nanoton").set(totals.in_flight as f64);
         metrics::gauge!("settler_parked_nanoton").set(totals.parked as f64);
         metrics::gauge!("settler_unpriced_completions").set(self.unpriced.len() as f64);
-        let open = self.ledger.open_settlements().next().map(|s| s.prepared.settlement_id);
+        let open = self
+            .ledger
+            .open_settlements()
+            .next()
+            .map(|s| s.prepared.settlement_id);
         if let Some(open) = open {
             if self
                 .last_check
@@ -543,12 +553,19 @@ impl Settler {
                     return Ok(None);
                 }
                 // Planned again: completions accrued while the seqno was read go in too.
-                match self.ledger.plan(Timestamp::now(), &self.config.policy).batch {
+                match self
+                    .ledger
+                    .plan(Timestamp::now(), &self.config.policy)
+                    .batch
+                {
                     Some(batch) => self.prepare(batch, seqno, deploy).await,
                     None => Ok(None),
                 }
             }
-            ChainAnswer::Check { found: Err((what, e)), .. } => self.transient(what, e),
+            ChainAnswer::Check {
+                found: Err((what, e)),
+                ..
+            } => self.transient(what, e),
             ChainAnswer::Check {
                 id,
                 found: Ok((snapshot, search)),
