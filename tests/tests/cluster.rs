@@ -158,6 +158,11 @@ async fn killing_the_tasks_leader_under_load_loses_and_duplicates_nothing() {
         assert_eq!(info.config.num_replicas, 3, "{} is R3", stream.name());
     }
 
+    // The in-process projector's warnings (fetch failures, rebinds) go to the test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     let shutdown = CancellationToken::new();
     let mut projector_config = ProjectorConfig::new(cluster.url(), db.url());
     projector_config.projections = vec![Projection::Tasks];
@@ -282,9 +287,19 @@ async fn killing_the_tasks_leader_under_load_loses_and_duplicates_nothing() {
         info.state.messages, total as u64,
         "one message per acknowledged event (one event per frame), none twice"
     );
-    let logged = bus::read_events(&bus.jetstream, Stream::Tasks, vec![])
-        .await
-        .expect("read TASKS back");
+    // Right after a failover a read of the whole stream can time out while the new leader settles: read again
+    // until a deadline, then fail with the last error.
+    let read_deadline = Instant::now() + Duration::from_secs(60);
+    let logged = loop {
+        match bus::read_events(&bus.jetstream, Stream::Tasks, vec![]).await {
+            Ok(logged) => break logged,
+            Err(e) if Instant::now() < read_deadline => {
+                eprintln!("reading TASKS back failed ({e}); reading again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("read TASKS back: {e}"),
+        }
+    };
     let mut seen: HashMap<EventId, usize> = HashMap::new();
     for (_, record) in &logged {
         *seen.entry(record.envelope.event_id).or_default() += 1;

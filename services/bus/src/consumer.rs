@@ -176,6 +176,7 @@ fn received_frame(message: &jetstream::Message) -> Result<ReceivedFrame, Consume
 #[derive(Debug)]
 pub struct FrameConsumer {
     consumer: PullConsumer,
+    stream: &'static str,
     durable: String,
 }
 
@@ -194,6 +195,7 @@ impl FrameConsumer {
             })?;
         Ok(Self {
             consumer,
+            stream: stream_name,
             durable: spec.durable.clone(),
         })
     }
@@ -206,15 +208,23 @@ impl FrameConsumer {
     ) -> Result<Self, ConsumeError> {
         let stream_name = spec.stream.name();
         let stream = stream_of(js, spec.stream).await?;
-        if stream.consumer_info(&spec.durable).await.is_ok() {
-            stream
-                .delete_consumer(&spec.durable)
-                .await
-                .map_err(|e| ConsumeError::Consumer {
-                    stream: stream_name,
-                    durable: spec.durable.clone(),
-                    reason: e.to_string(),
-                })?;
+        let consumer_error = |reason: String| ConsumeError::Consumer {
+            stream: stream_name,
+            durable: spec.durable.clone(),
+            reason,
+        };
+        // Only a durable the server says is not there is absent. Any other failure (a timeout while a cluster
+        // elects a leader) is returned: binding to the old durable would go on after frames it counts as
+        // delivered, which the caller may never have seen.
+        match stream.consumer_info(&spec.durable).await {
+            Ok(_) => {
+                stream
+                    .delete_consumer(&spec.durable)
+                    .await
+                    .map_err(|e| consumer_error(e.to_string()))?;
+            }
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {}
+            Err(e) => return Err(consumer_error(format!("reading the durable's state: {e}"))),
         }
         Self::bind(js, spec).await
     }
@@ -248,6 +258,21 @@ impl FrameConsumer {
         let spec = spec.clone().start_after(floor);
         *self = Self::recreate(js, &spec).await?;
         Ok(floor)
+    }
+
+    /// Frames the server holds for this durable beyond what it has delivered. More than zero while fetches
+    /// come back empty means the durable is not being served (in a cluster, its leader was lost).
+    pub async fn pending(&mut self) -> Result<u64, ConsumeError> {
+        let info = self
+            .consumer
+            .info()
+            .await
+            .map_err(|e| ConsumeError::Consumer {
+                stream: self.stream,
+                durable: self.durable.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(info.num_pending)
     }
 
     /// Fetches up to `max_frames`: whatever is available now, or, when nothing is, the first frame to arrive

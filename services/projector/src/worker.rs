@@ -73,12 +73,21 @@ pub async fn run_consumer(
 ) -> anyhow::Result<()> {
     let mut consumer = bind_after_checkpoint(&ctx, &plan).await?;
     let mut backoff = Duration::from_millis(100);
+    let mut idle_since: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
+        // A pull the server never answers (in a cluster, the durable's leader was lost) counts as a failure.
+        let fetch = tokio::time::timeout(
+            ctx.fetch_wait + FETCH_TIMEOUT,
+            consumer.fetch(ctx.batch_frames, ctx.fetch_wait),
+        );
         let batch = tokio::select! {
-            batch = consumer.fetch(ctx.batch_frames, ctx.fetch_wait) => batch,
+            batch = fetch => batch.unwrap_or_else(|_| Err(bus::ConsumeError::Fetch {
+                durable: consumer.durable().to_owned(),
+                reason: format!("no answer within {FETCH_TIMEOUT:?} past the fetch's wait"),
+            })),
             () = shutdown.cancelled() => return Ok(()),
         };
         let batch = match batch {
@@ -88,21 +97,9 @@ pub async fn run_consumer(
                 // The frames of a failed fetch (nats-server restarting, a connection lost) may be lost on the
                 // way while the server counts them delivered; the next fetch would go on after them, and its
                 // ack (AckAll) would cover them. So start again after the database checkpoint, as on start.
-                loop {
-                    sleep_or_cancel(&shutdown, backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    if shutdown.is_cancelled() {
-                        return Ok(());
-                    }
-                    match bind_after_checkpoint(&ctx, &plan).await {
-                        Ok(fresh) => {
-                            consumer = fresh;
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(durable = consumer.durable(), error = %e, "consumer not recreated; retrying")
-                        }
-                    }
+                match rebind(&ctx, &plan, &shutdown, &mut backoff).await? {
+                    Some(fresh) => consumer = fresh,
+                    None => return Ok(()),
                 }
                 continue;
             }
@@ -111,8 +108,27 @@ pub async fn run_consumer(
             if until_idle {
                 return Ok(());
             }
+            // Fetches that come back empty while the server holds frames for the durable mean it is not being
+            // served (in a cluster, its leader was lost): start again after the checkpoint, as after a failure.
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= STALL_CHECK {
+                idle_since = None;
+                let stalled = match consumer.pending().await {
+                    Ok(0) => None,
+                    Ok(n) => Some(format!("{n} frames wait for it")),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = stalled {
+                    tracing::warn!(durable = consumer.durable(), %why, "fetches come back empty; starting again after the database checkpoint");
+                    match rebind(&ctx, &plan, &shutdown, &mut backoff).await? {
+                        Some(fresh) => consumer = fresh,
+                        None => return Ok(()),
+                    }
+                }
+            }
             continue;
         }
+        idle_since = None;
         // Apply until it commits: a transient failure retries the very same frames.
         loop {
             let started = Instant::now();
@@ -151,6 +167,34 @@ async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) {
 
 /// The plan's durable consumer, created afresh to start right after the database checkpoint (never from its
 /// ack floor).
+/// How long a fetch may go unanswered past its own wait before it counts as failed.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long fetches may come back empty before the durable is asked whether frames wait for it.
+const STALL_CHECK: Duration = Duration::from_secs(5);
+
+/// Binds again after the database checkpoint, retrying with `backoff`; `None` when shut down first.
+async fn rebind(
+    ctx: &Ctx,
+    plan: &ConsumerPlan,
+    shutdown: &CancellationToken,
+    backoff: &mut Duration,
+) -> anyhow::Result<Option<FrameConsumer>> {
+    loop {
+        sleep_or_cancel(shutdown, *backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        if shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        match bind_after_checkpoint(ctx, plan).await {
+            Ok(fresh) => return Ok(Some(fresh)),
+            Err(e) => {
+                tracing::warn!(durable = %plan.durable(&ctx.durable_prefix), error = %e, "consumer not recreated; retrying")
+            }
+        }
+    }
+}
+
 async fn bind_after_checkpoint(ctx: &Ctx, plan: &ConsumerPlan) -> anyhow::Result<FrameConsumer> {
     let start = checkpoint_floor(ctx, plan).await?;
     let spec = ConsumerSpec::new(plan.stream, plan.durable(&ctx.durable_prefix))
