@@ -641,19 +641,7 @@ async fn measure_round_trip(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let clock = Instant::now();
-        let answered = match tokio::time::timeout(
-            Duration::from_secs(2),
-            client.request(client.new_inbox(), bytes::Bytes::new()),
-        )
-        .await
-        {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => e.kind() == async_nats::client::RequestErrorKind::NoResponders,
-            Err(_) => false,
-        };
-        if answered {
-            let us = u32::try_from(clock.elapsed().as_micros()).unwrap_or(u32::MAX);
+        if let Some(us) = node_agent::round_trip(&client).await {
             latency.store(us.max(1), Ordering::Relaxed);
         }
     }

@@ -178,7 +178,7 @@ impl Service {
                 "{} exited ({status}); the end of {}:\n{}",
                 self.name,
                 self.log.display(),
-                log_tail(&self.log, 20)
+                tests::services::tail(&self.log, 20)
             )),
             _ => None,
         }
@@ -206,15 +206,6 @@ impl Service {
             }
         }
     }
-}
-
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..]
-        .iter()
-        .map(|l| format!("    | {l}\n"))
-        .collect()
 }
 
 /// Processes whose memory and CPU are sampled.

@@ -856,7 +856,7 @@ async fn heartbeat_loop(
 
 /// One round trip to the NATS server: a request to a fresh inbox nobody listens on, which the server answers
 /// at once with "no responders". `None` when the server did not answer like that in time.
-async fn round_trip(client: &async_nats::Client) -> Option<u32> {
+pub async fn round_trip(client: &async_nats::Client) -> Option<u32> {
     let clock = Instant::now();
     let answered = match tokio::time::timeout(
         Duration::from_secs(2),
