@@ -77,6 +77,22 @@ macro_rules! uuid_id {
             pub fn as_uuid(&self) -> Uuid {
                 self.0
             }
+
+            /// When a UUIDv7 id was minted (its millisecond timestamp); `None` for an id of any other version.
+            pub fn minted_at(&self) -> Option<crate::time::Timestamp> {
+                if self.0.get_version_num() != 7 {
+                    return None;
+                }
+                let millis = i64::try_from(self.0.as_u128() >> 80).ok()?;
+                Some(crate::time::Timestamp(millis * 1_000))
+            }
+
+            /// The lowest possible id minted at or after `at`: every UUIDv7 id minted earlier sorts below it, and
+            /// every one minted then or later sorts at or above it (a bound for ranges, not an id to hand out).
+            pub fn lowest_minted_at(at: crate::time::Timestamp) -> Self {
+                let millis = u128::try_from(at.0.max(0)).unwrap_or(0).div_ceil(1_000);
+                Self(Uuid::from_u128(millis.min((1 << 48) - 1) << 80))
+            }
         }
 
         impl Default for $name {
@@ -223,6 +239,32 @@ mod tests {
     fn uuid_ids_parse_and_display() {
         let id = TaskId::new();
         assert_eq!(id.to_string().parse::<TaskId>().unwrap(), id);
+        let minted = id.minted_at().expect("a new id is v7");
+        let now = crate::time::Timestamp::now();
+        assert!(
+            (now.0 - minted.0).abs() < 60_000_000,
+            "{minted:?} vs {now:?}"
+        );
+        assert_eq!(TaskId::from_u128(1).minted_at(), None, "not v7: no age");
         assert!("nope".parse::<TaskId>().is_err());
+    }
+
+    #[test]
+    fn the_lowest_id_minted_at_a_time_bounds_ids_by_mint_time() {
+        use crate::time::Timestamp;
+        // Two v7 ids minted at 1,000 ms and 1,001 ms, with every random bit set (the highest ids of their ms).
+        let at = |millis: u128| TaskId::from_u128(millis << 80 | 0x7fff_bfff_ffff_ffff_ffff);
+        let (early, late) = (at(1_000), at(1_001));
+        assert_eq!(early.minted_at(), Some(Timestamp(1_000_000)));
+        assert_eq!(late.minted_at(), Some(Timestamp(1_001_000)));
+        for bound in [Timestamp(1_000_001), Timestamp(1_001_000)] {
+            let low = TaskId::lowest_minted_at(bound);
+            assert!(early < low && low <= late, "{bound:?}");
+        }
+        assert!(TaskId::lowest_minted_at(Timestamp(1_000_000)) <= early);
+        assert_eq!(
+            TaskId::lowest_minted_at(Timestamp(-5)),
+            TaskId::from_u128(0)
+        );
     }
 }

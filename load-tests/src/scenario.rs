@@ -151,6 +151,9 @@ pub struct SettlerKnobs {
     pub min_payout_nanoton: u64,
     pub resend_interval_ms: u64,
     pub check_interval_ms: u64,
+    /// How long after its submission a task may accrue; paid task ids older are forgotten
+    /// (`--accrual-window-s`).
+    pub accrual_window_s: u64,
     /// The pool wallet's balance on the local chain at start, in TON.
     pub wallet_ton: u64,
 }
@@ -162,6 +165,7 @@ impl Default for SettlerKnobs {
             min_payout_nanoton: 1,
             resend_interval_ms: 1_000,
             check_interval_ms: 1_000,
+            accrual_window_s: 604_800,
             wallet_ton: 1_000_000,
         }
     }

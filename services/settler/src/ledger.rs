@@ -12,11 +12,21 @@
 //! (all that is left to know is that it must not accrue again), and an ended settlement drops its signed
 //! message and payouts (the log has them); only what is still to be paid is kept whole.
 //!
+//! **The accrual window** bounds even the paid task ids. Task ids are UUIDv7, minted when the task is
+//! submitted, so a task's age is known without remembering it. The books keep a horizon: the newest log
+//! time seen (the server's store time of what was read) less the window. A completion accrues only if its
+//! task was minted at or after the horizon ([`Ledger::admits`]), and a paid task id is forgotten once its task
+//! was minted before it. Both compare the same two things and the horizon never goes back, so a task whose
+//! id was forgotten can never accrue again: forgetting cannot cause a second payment, whatever the delay of
+//! a duplicate completion, a zombie attempt or a replay of TASKS. The cost is that a task completing more
+//! than the window after its submission is not paid automatically; it is refused with an error naming it.
+//!
 //! A task only moves from pending or parked into a settlement, so no accrual is ever in two live
 //! settlements and none is ever paid twice; one that would be (a bug, or a second settler writing without
 //! the stream fence) is recorded as an anomaly and left where it was.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -31,6 +41,37 @@ use tonlib_core::TonAddress;
 
 /// A wallet v5r1 message carries at most this many transfers.
 pub const MAX_PAYOUTS: usize = 255;
+
+/// How long after its submission a task may still accrue, unless configured: a week.
+pub const DEFAULT_ACCRUAL_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Why a completion may not accrue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inadmissible {
+    /// The task id is not a UUIDv7, so its age is unknown.
+    NotTimeOrdered,
+    /// The task was submitted (its id minted) before the accrual window's horizon.
+    TooOld {
+        minted: Timestamp,
+        horizon: Timestamp,
+    },
+}
+
+impl fmt::Display for Inadmissible {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Inadmissible::NotTimeOrdered => {
+                f.write_str("the task id is not a UUIDv7, so the task's age is unknown")
+            }
+            Inadmissible::TooOld { minted, horizon } => write!(
+                f,
+                "the task was submitted at {} µs, before the accrual window's horizon ({} µs); it may have been \
+                 paid and forgotten, so it is not accrued automatically",
+                minted.0, horizon.0
+            ),
+        }
+    }
+}
 
 /// Where an accrual not yet paid stands (a paid one is only a task id in the books).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,12 +244,19 @@ pub fn unpayable_reason(address: &str) -> Option<String> {
 }
 
 /// The books. Feed it every PAYMENTS event in stream order ([`Ledger::apply`]) and every registration.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Ledger {
     /// Accruals not paid yet: pending, parked or in flight.
     accruals: HashMap<TaskId, Accrual>,
-    /// Tasks whose accrual is paid: only their ids, so a repeated completion or accrual finds them.
-    paid_tasks: HashSet<TaskId>,
+    /// Tasks whose accrual is paid, minted at or after the horizon: only their ids, so a repeated completion
+    /// or accrual finds them. Ordered by id, which is by mint time, so the forgotten are split off at once.
+    paid_tasks: BTreeSet<TaskId>,
+    /// See [`DEFAULT_ACCRUAL_WINDOW`].
+    window: Duration,
+    /// The newest log time seen less the window; it never goes back. Tasks minted before it do not accrue.
+    horizon: Timestamp,
+    /// The horizon at the last pruning.
+    pruned_at: Timestamp,
     /// The accruals that are pending or parked: all that batching looks at, however long the history.
     unsettled: HashSet<TaskId>,
     settlements: BTreeMap<SettlementId, Settlement>,
@@ -235,9 +283,79 @@ pub struct Totals {
     pub paid: u128,
 }
 
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::with_accrual_window(DEFAULT_ACCRUAL_WINDOW)
+    }
+}
+
 impl Ledger {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Books whose tasks may accrue for `window` after their submission (see [`Ledger::admits`]).
+    pub fn with_accrual_window(window: Duration) -> Self {
+        Self {
+            accruals: HashMap::new(),
+            paid_tasks: BTreeSet::new(),
+            window,
+            horizon: Timestamp(i64::MIN),
+            pruned_at: Timestamp(i64::MIN),
+            unsettled: HashSet::new(),
+            settlements: BTreeMap::new(),
+            open: BTreeSet::new(),
+            payees: HashMap::new(),
+            unpayable: HashMap::new(),
+            retry_at: HashMap::new(),
+            anomalies: Vec::new(),
+            accrued: 0,
+            paid: 0,
+        }
+    }
+
+    /// Log time has reached `at` (the server's store time of something read): the horizon moves up to `at` less
+    /// the window, and what it passed is forgotten: paid task ids, and ended settlements, minted before it.
+    pub fn observe(&mut self, at: Timestamp) {
+        let horizon = Timestamp(at.0.saturating_sub(micros(self.window)));
+        if horizon <= self.horizon {
+            return;
+        }
+        self.horizon = horizon;
+        // Pruning walks the ended settlements: once a second of log time is enough.
+        if horizon.0.saturating_sub(self.pruned_at.0) < 1_000_000 {
+            return;
+        }
+        self.pruned_at = horizon;
+        self.paid_tasks = self
+            .paid_tasks
+            .split_off(&TaskId::lowest_minted_at(horizon));
+        let oldest_kept = SettlementId::lowest_minted_at(horizon);
+        self.settlements
+            .retain(|id, s| s.is_open() || *id >= oldest_kept);
+    }
+
+    /// The horizon: tasks minted before it do not accrue.
+    pub fn horizon(&self) -> Timestamp {
+        self.horizon
+    }
+
+    /// Whether a completion of `task` may accrue: only if the task was submitted inside the accrual window, so
+    /// that the books still know whether it was paid.
+    pub fn admits(&self, task: &TaskId) -> Result<(), Inadmissible> {
+        match task.minted_at() {
+            None => Err(Inadmissible::NotTimeOrdered),
+            Some(minted) if minted < self.horizon => Err(Inadmissible::TooOld {
+                minted,
+                horizon: self.horizon,
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// How many paid task ids the books remember (those minted inside the window).
+    pub fn paid_remembered(&self) -> usize {
+        self.paid_tasks.len()
     }
 
     /// A worker's registration (the latest wins). A payable address releases its parked accruals.
@@ -262,7 +380,7 @@ impl Ledger {
         self.accruals.get(task)
     }
 
-    /// Whether the task's accrual is paid.
+    /// Whether the task's accrual is paid (as far as the books remember: see [`Ledger::observe`]).
     pub fn is_paid(&self, task: &TaskId) -> bool {
         self.paid_tasks.contains(task)
     }
@@ -756,6 +874,82 @@ mod tests {
         l.apply(&Event::PaymentAccrued(again), Timestamp(5));
         assert_eq!(l.totals().accrued, 500);
         assert_eq!(l.totals().accruals, 1);
+    }
+
+    /// A v7 task id minted at `at` (µs).
+    fn task_minted_at(at: i64) -> TaskId {
+        let millis = u128::try_from(at / 1_000).unwrap();
+        TaskId::from_u128(millis << 80 | 0x7000_8000_0000_0000_0000 | u128::from(rand_bits()))
+    }
+
+    fn rand_bits() -> u32 {
+        TaskId::new().as_uuid().as_u128() as u32
+    }
+
+    fn accrue_task(l: &mut Ledger, task: TaskId, w: usize, amount: u64, at: i64) {
+        l.apply(
+            &Event::PaymentAccrued(PaymentAccrued {
+                task_id: task,
+                worker_id: worker(w),
+                attempt: 1,
+                gpu_millis: events::money::GpuMillis(amount),
+                price_per_gpu_second: Nanoton(1_000),
+                amount: Nanoton(amount),
+            }),
+            Timestamp(at),
+        );
+    }
+
+    #[test]
+    fn paid_ids_are_forgotten_only_once_their_tasks_can_no_longer_accrue() {
+        const HOUR: i64 = 3_600 * SECOND;
+        let mut l = ledger(1);
+        l = Ledger {
+            window: Duration::from_secs(3_600),
+            ..l
+        };
+        // Now, as the settlement prepared below is minted now.
+        let t0 = Timestamp::now().0;
+        let old = task_minted_at(t0);
+        let young = task_minted_at(t0 + HOUR / 2);
+        l.observe(Timestamp(t0 + HOUR / 2));
+        assert_eq!(l.admits(&old), Ok(()));
+        accrue_task(&mut l, old, 0, 500, t0 + HOUR / 2);
+        accrue_task(&mut l, young, 0, 700, t0 + HOUR / 2);
+        let batch = l.plan(Timestamp(t0 + HOUR), &policy()).batch.unwrap();
+        let id = prepare(&mut l, &batch, t0 + HOUR);
+        confirm(&mut l, id, &[], t0 + HOUR);
+        assert!(l.is_paid(&old) && l.is_paid(&young));
+        assert_eq!(l.paid_remembered(), 2);
+
+        // Log time passes the old task's window: its id is forgotten, and a completion of it is refused.
+        l.observe(Timestamp(t0 + HOUR + 2 * SECOND));
+        assert!(!l.is_paid(&old) && !l.is_accrued(&old));
+        assert!(matches!(l.admits(&old), Err(Inadmissible::TooOld { .. })));
+        assert!(l.is_paid(&young) && l.admits(&young).is_ok());
+        assert_eq!(l.paid_remembered(), 1);
+        // A log time from the past (a replay of TASKS) does not move the horizon back.
+        l.observe(Timestamp(t0));
+        assert!(l.admits(&old).is_err());
+        assert_eq!(l.totals().paid, 1_200, "what was paid stays counted");
+
+        // An id that is not a UUIDv7 has no age, so it never accrues.
+        assert_eq!(
+            l.admits(&TaskId::from_u128(7)),
+            Err(Inadmissible::NotTimeOrdered)
+        );
+        // Unpaid accruals are kept whatever their age: they are still owed.
+        let owed = task_minted_at(t0 + HOUR + SECOND);
+        accrue_task(&mut l, owed, 0, 900, t0 + HOUR + 3 * SECOND);
+        l.observe(Timestamp(t0 + 10 * HOUR));
+        assert!(l.is_accrued(&owed) && !l.is_paid(&owed));
+        assert_eq!(l.totals().pending, 900);
+        assert_eq!(l.paid_remembered(), 0);
+        assert!(
+            l.settlement(&id).is_none(),
+            "an ended settlement is forgotten too"
+        );
+        conserved(&l);
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod service;
 pub mod toncenter;
 pub mod wallet;
 
-pub use ledger::{BatchPolicy, Ledger};
+pub use ledger::{BatchPolicy, DEFAULT_ACCRUAL_WINDOW, Ledger};
 pub use service::{FaultPoint, RunReport, SettlerConfig, SettlerError, run};
 pub use toncenter::Toncenter;
 pub use wallet::{PoolKey, PoolWallet};

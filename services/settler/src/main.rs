@@ -68,6 +68,10 @@ struct Args {
     /// Check an open settlement on chain this often (milliseconds; each check is a few API calls).
     #[arg(long, default_value_t = 1_000)]
     check_interval_ms: u64,
+    /// A task may accrue for this many seconds after its submission (a week by default); paid task ids older
+    /// than this are forgotten, so the settler's memory is bounded by the tasks completed in this span.
+    #[arg(long, default_value_t = 604_800)]
+    accrual_window_s: u64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9104).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -113,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         message_ttl: Duration::from_secs(args.message_ttl_s),
         resend_interval: Duration::from_millis(args.resend_interval_ms),
         check_interval: Duration::from_millis(args.check_interval_ms),
+        accrual_window: Duration::from_secs(args.accrual_window_s),
         fault: args.fault,
         ..SettlerConfig::default()
     };

@@ -18,6 +18,10 @@
 //!   settlement, sending its message) runs as a job beside the main loop, one at a time, while completions
 //!   go on accruing; its answer is acted on (events published, fenced as above) back in the main loop. On a
 //!   busy chain a check or a send takes seconds, and accruals waiting on it were the pool's payment limit.
+//! - **Bounded memory: the accrual window.** A completion accrues only if its task was submitted within the
+//!   window (a week by default; the task id is a UUIDv7, so its age is known), and paid task ids older than
+//!   that are forgotten ([`crate::ledger`] explains why this cannot pay twice). A restart reads TASKS from the
+//!   start again: every completion older than the window is refused, and the newer ones find their accruals.
 //! - A crash anywhere loses nothing: everything it knows is in the log and on chain, and a restart resumes
 //!   the open settlement by resending the recorded message.
 
@@ -28,7 +32,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bus::{Bus, Follower, Publisher, PublisherConfig};
-use events::ids::SettlementId;
+use events::ids::{SettlementId, TaskId};
 use events::money::Nanoton;
 use events::payments::{
     FailedTransfer, PaymentAccrued, SettlementConfirmed, SettlementExpired, SettlementPrepared,
@@ -42,7 +46,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::ledger::{BatchPolicy, Ledger, Payee, Settlement, SettlementStatus};
+use crate::ledger::{BatchPolicy, Inadmissible, Ledger, Payee, Settlement, SettlementStatus};
 use crate::toncenter::{AccountInfo, SendOutcome, TonError, Toncenter, Transaction};
 use crate::wallet::{PoolWallet, same_account};
 
@@ -84,6 +88,9 @@ pub struct SettlerConfig {
     /// After valid_until, wait this much longer before declaring a message expired (clock skew with the
     /// chain).
     pub expiry_grace: Duration,
+    /// How long after its submission a task may still accrue; paid task ids older than this are forgotten
+    /// (see [`crate::ledger::DEFAULT_ACCRUAL_WINDOW`]).
+    pub accrual_window: Duration,
     /// How often batching runs.
     pub tick: Duration,
     /// How often an open settlement is checked on chain (each check is a few API calls).
@@ -103,6 +110,7 @@ impl Default for SettlerConfig {
             message_ttl: Duration::from_secs(60),
             resend_interval: Duration::from_secs(5),
             expiry_grace: Duration::from_secs(5),
+            accrual_window: crate::ledger::DEFAULT_ACCRUAL_WINDOW,
             tick: Duration::from_millis(250),
             check_interval: Duration::from_secs(1),
             search_limit: 400,
@@ -154,6 +162,8 @@ impl From<bus::PublishError> for SettlerError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunReport {
     pub accruals: u64,
+    /// Completions not accrued because their task was outside the accrual window (or had no age).
+    pub refused_completions: u64,
     pub settlements_prepared: u64,
     pub settlements_confirmed: u64,
     pub settlements_expired: u64,
@@ -165,6 +175,8 @@ pub struct RunReport {
 struct Arrival {
     stream: Stream,
     sequence: u64,
+    /// The server's store time of the frame: the books' clock.
+    stored_at: Timestamp,
     records: Vec<EventRecord>,
 }
 
@@ -199,6 +211,12 @@ struct Settler {
     receipts: Vec<bus::Receipt>,
     /// Completions whose worker is not known yet (its registration not read): retried as WORKERS arrives.
     unpriced: Vec<(Envelope, TaskCompleted)>,
+    /// Completions refused since the last tick although they happened inside the accrual window (their task
+    /// took longer than the window, or has no age), with the first of them: reported once a tick.
+    refused: (u64, Option<(TaskId, Inadmissible)>),
+    /// Completions refused since the last tick that happened before the window's horizon: expected when TASKS
+    /// is read again from the start after a restart (they were accrued, paid and forgotten long ago).
+    refused_old: u64,
     /// When each open settlement was last sent by this process.
     last_send: HashMap<SettlementId, Instant>,
     /// When the open settlement was last checked on chain.
@@ -237,6 +255,7 @@ pub async fn run(
         let follower = Follower::open(&js, stream, Vec::new(), 1).await?;
         tokio::spawn(follow(stream, follower, tx.clone(), helpers.clone()));
     }
+    let accrual_window = config.accrual_window;
     let mut settler = Settler {
         js: js.clone(),
         ton,
@@ -245,11 +264,13 @@ pub async fn run(
         producer,
         publisher,
         codec: CodecConfig::default(),
-        ledger: Ledger::new(),
+        ledger: Ledger::with_accrual_window(accrual_window),
         payments_seq: 0,
         own_seqs: BTreeSet::new(),
         receipts: Vec::new(),
         unpriced: Vec::new(),
+        refused: (0, None),
+        refused_old: 0,
         last_send: HashMap::new(),
         last_check: None,
         report: RunReport::default(),
@@ -369,6 +390,7 @@ impl Settler {
     }
 
     async fn fold(&mut self, arrival: Arrival) -> Result<(), SettlerError> {
+        self.ledger.observe(arrival.stored_at);
         match arrival.stream {
             Stream::Payments => {
                 for record in &arrival.records {
@@ -423,6 +445,10 @@ impl Settler {
             metrics::counter!("settler_duplicate_completions_total").increment(1);
             return Ok(());
         }
+        if let Err(why) = self.ledger.admits(&completed.task_id) {
+            self.refuse(envelope, completed.task_id, why);
+            return Ok(());
+        }
         let Some(payee) = self.ledger.payee(&completed.worker_id) else {
             tracing::warn!(task = %completed.task_id, worker = %completed.worker_id, event_id = %envelope.event_id,
                 correlation_id = %envelope.correlation_id, "completion by a worker whose registration is unknown; it accrues once the registration is read");
@@ -455,6 +481,18 @@ impl Settler {
         Ok(())
     }
 
+    /// A completion that may not accrue ([`Ledger::admits`]): counted, and reported at the next tick.
+    fn refuse(&mut self, completion: &Envelope, task: TaskId, why: Inadmissible) {
+        metrics::counter!("settler_refused_completions_total").increment(1);
+        self.report.refused_completions += 1;
+        if completion.occurred_at < self.ledger.horizon() {
+            self.refused_old += 1;
+        } else {
+            self.refused.0 += 1;
+            self.refused.1.get_or_insert((task, why));
+        }
+    }
+
     /// One round: check the open settlement, or plan the next (reporting parked payouts); what needs the chain
     /// is returned as a job.
     async fn step(&mut self) -> Result<Option<ChainJob>, SettlerError> {
@@ -462,7 +500,29 @@ impl Settler {
         metrics::gauge!("settler_pending_nanoton").set(totals.pending as f64);
         metrics::gauge!("settler_in_flight_nanoton").set(totals.in_flight as f64);
         metrics::gauge!("settler_parked_nanoton").set(totals.parked as f64);
+        // A completion waiting for its worker's registration is refused once its task leaves the window.
+        let unpriced = std::mem::take(&mut self.unpriced);
+        for (envelope, completed) in unpriced {
+            match self.ledger.admits(&completed.task_id) {
+                Ok(()) => self.unpriced.push((envelope, completed)),
+                Err(why) => self.refuse(&envelope, completed.task_id, why),
+            }
+        }
         metrics::gauge!("settler_unpriced_completions").set(self.unpriced.len() as f64);
+        metrics::gauge!("settler_paid_tasks_remembered").set(self.ledger.paid_remembered() as f64);
+        if let (count, Some((task, why))) = std::mem::take(&mut self.refused) {
+            tracing::error!(count, first_task = %task, reason = %why, horizon_micros = self.ledger.horizon().0,
+                "completions not accrued: their tasks are outside the accrual window (--accrual-window-s); check \
+                 whether they were paid before accruing them by hand");
+        }
+        let old = std::mem::take(&mut self.refused_old);
+        if old > 0 {
+            tracing::info!(
+                count = old,
+                horizon_micros = self.ledger.horizon().0,
+                "completions from before the accrual window's horizon skipped (read again after a restart)"
+            );
+        }
         let open = self
             .ledger
             .open_settlements()
@@ -1011,6 +1071,7 @@ async fn follow(
                 Ok(records) => Ok(Arrival {
                     stream,
                     sequence: frame.stream_sequence,
+                    stored_at: frame.stored_at,
                     records,
                 }),
                 // The books must hold every PAYMENTS event: one this settler cannot read (say, written by a
@@ -1025,6 +1086,7 @@ async fn follow(
                     Ok(Arrival {
                         stream,
                         sequence: frame.stream_sequence,
+                        stored_at: frame.stored_at,
                         records: Vec::new(),
                     })
                 }

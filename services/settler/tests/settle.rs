@@ -736,3 +736,56 @@ async fn a_message_whose_seqno_another_message_used_is_rebuilt_and_paid_once() {
     assert_eq!(paid_by.wallet_seqno, first.wallet_seqno + 1);
     env.assert_books_balance().await;
 }
+
+/// A v7 task id minted `ago` before now.
+fn task_minted_ago(ago: Duration) -> TaskId {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let millis = (now - ago).as_millis();
+    let fresh = uuid::Uuid::now_v7().as_u128();
+    TaskId::from_u128(millis << 80 | (fresh & ((1 << 80) - 1)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_tasks_are_forgotten_after_the_accrual_window_and_never_accrue_again() {
+    let mut env = Env::start(100 * TON).await;
+    let a = env.register("worker-a", 1_000_000, None).await;
+    let mut config = test_config();
+    config.accrual_window = Duration::from_secs(10);
+    // A task submitted 8 s ago completes now: inside the window, it accrues and is paid.
+    let old = task_minted_ago(Duration::from_secs(8));
+    let leaves_window_at = tokio::time::Instant::now() + Duration::from_secs(3);
+    env.publish(completion(old, &a, 1, 1_500)).await;
+    *env.earned.get_mut(&a).unwrap() += 1_500_000;
+    let fresh = env.complete(&a, 1_000_000, 2_000).await;
+    let running = env.spawn(config.clone());
+    env.wait_all_paid().await;
+
+    // Once log time has passed the window, the paid task's id is forgotten: its duplicate completion is refused
+    // (not paid again), and so is a completion of a task submitted an hour ago; a fresh task is paid.
+    tokio::time::sleep_until(leaves_window_at).await;
+    env.publish(completion(old, &a, 2, 9_999)).await;
+    let hour_old = task_minted_ago(Duration::from_secs(3_600));
+    env.publish(completion(hour_old, &a, 1, 4_000)).await;
+    env.complete(&a, 1_000_000, 3_000).await;
+    env.wait_all_paid().await;
+    let report = running.stop().await;
+    assert_eq!(report.accruals, 3, "{report:?}");
+    assert_eq!(report.refused_completions, 2, "{report:?}");
+    env.assert_books_balance().await;
+
+    // A restart reads TASKS from the start again: the old completions are refused, the fresh task is still
+    // remembered as paid, and only a new completion accrues.
+    let running = env.spawn(config);
+    env.publish(completion(fresh, &a, 1, 2_000)).await;
+    env.complete(&a, 1_000_000, 500).await;
+    env.wait_all_paid().await;
+    let report = running.stop().await;
+    assert_eq!(report.accruals, 1, "{report:?}");
+    assert_eq!(
+        report.refused_completions, 3,
+        "the old task's two completions and the hour-old task: {report:?}"
+    );
+    env.assert_books_balance().await;
+}
