@@ -1615,21 +1615,22 @@ mod tests {
         let (_, _, attempt) = allocated(&p.allocate(at(56), 1)).remove(0);
         p.apply_stored(&completed(other, "w", attempt, 1, at(20_000)), at(57));
         assert_eq!(p.stats().finished_remembered, 2);
-        // Past the retention of log time, the first is forgotten: memory stays bounded.
+        // Past the retention of log time (by one and a half times it at the latest), the first is forgotten:
+        // memory stays bounded.
         let third = TaskId::new();
-        p.apply_stored(&submitted(third, at(63)), at(63));
+        p.apply_stored(&submitted(third, at(93)), at(93));
         p.apply_stored(
             &rec(
                 TaskCancelled {
                     task_id: third,
                     reason: "test".into(),
                 },
-                at(63),
+                at(93),
             ),
-            at(63),
+            at(93),
         );
         assert_eq!(p.stats().finished_remembered, 2);
-        p.apply_stored(&submitted(task, at(64)), at(64));
+        p.apply_stored(&submitted(task, at(94)), at(94));
         assert_eq!(
             p.stats().tasks_waiting,
             1,

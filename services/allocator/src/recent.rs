@@ -4,6 +4,12 @@
 //! Time is what the caller says it is (the server's store time of the events it applies), never the host's
 //! clock: a replay of the log forgets exactly what the live run forgot, and a worker whose clock runs ahead
 //! cannot make it forget early.
+//!
+//! Keys live in generations, each a hash set covering half the retention of log time. A generation is
+//! forgotten whole once its newest key is older than the retention, and its table, cleared, becomes the next
+//! generation: at a steady rate no table grows, shrinks or is reallocated once the first ones are sized, so
+//! resident memory stays flat (a single set with removals would leave tombstones and double its table now
+//! and then). A key is remembered for at least the retention and at most one and a half times it.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
@@ -14,19 +20,25 @@ use events::time::Timestamp;
 #[derive(Debug)]
 pub struct RecentSet<K> {
     retention_micros: i64,
-    keys: HashSet<K>,
-    /// Keys in the order they were remembered, with when: the oldest are forgotten first.
-    order: VecDeque<(i64, K)>,
+    /// How much log time one generation covers: half the retention.
+    span_micros: i64,
+    /// Newest first: when each generation began, and its keys. A generation takes keys for one span from its
+    /// start (a key that comes later starts a new one), so its newest key is at most as old as its end.
+    generations: VecDeque<(i64, HashSet<K>)>,
+    /// The table of the last generation forgotten, cleared, for the next generation to reuse.
+    spare: Option<HashSet<K>>,
     /// The latest time seen; time never goes back.
     now: i64,
 }
 
 impl<K: Hash + Eq + Copy> RecentSet<K> {
     pub fn new(retention: Duration) -> Self {
+        let retention_micros = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
         Self {
-            retention_micros: i64::try_from(retention.as_micros()).unwrap_or(i64::MAX),
-            keys: HashSet::new(),
-            order: VecDeque::new(),
+            retention_micros,
+            span_micros: (retention_micros / 2).max(1),
+            generations: VecDeque::new(),
+            spare: None,
             now: i64::MIN,
         }
     }
@@ -35,32 +47,65 @@ impl<K: Hash + Eq + Copy> RecentSet<K> {
     /// already remembered keeps its first time. Forgets what has been remembered for longer.
     pub fn insert(&mut self, key: K, at: Timestamp) {
         self.now = self.now.max(at.0);
-        if self.keys.insert(key) {
-            self.order.push_back((self.now, key));
+        self.rotate();
+        if self.contains(&key) {
+            return;
         }
-        self.forget_old();
+        if let Some((_, current)) = self.generations.front_mut() {
+            current.insert(key);
+        }
     }
 
     pub fn contains(&self, key: &K) -> bool {
-        self.keys.contains(key)
+        self.generations.iter().any(|(_, keys)| keys.contains(key))
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.generations.iter().map(|(_, keys)| keys.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.generations.iter().all(|(_, keys)| keys.is_empty())
     }
 
-    fn forget_old(&mut self) {
-        while let Some(&(at, key)) = self.order.front() {
-            if self.now.saturating_sub(at) <= self.retention_micros {
+    /// Starts a new generation when the current one has covered its span, and forgets every generation that
+    /// ended more than the retention ago (so each of its keys is older than that).
+    fn rotate(&mut self) {
+        let due = self
+            .generations
+            .front()
+            .is_none_or(|(start, _)| self.now.saturating_sub(*start) >= self.span_micros);
+        if due {
+            let keys = self.spare.take().unwrap_or_default();
+            self.generations.push_front((self.now, keys));
+        }
+        while let Some((start, _)) = self.generations.back() {
+            let ended_at = start.saturating_add(self.span_micros);
+            if self.now.saturating_sub(ended_at) <= self.retention_micros {
                 break;
             }
-            self.order.pop_front();
-            self.keys.remove(&key);
+            let Some((_, mut keys)) = self.generations.pop_back() else {
+                break;
+            };
+            keys.clear();
+            if self
+                .spare
+                .as_ref()
+                .is_none_or(|spare| spare.capacity() < keys.capacity())
+            {
+                self.spare = Some(keys);
+            }
         }
+    }
+
+    /// The tables' capacity, summed: what the set holds memory for.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.generations
+            .iter()
+            .map(|(_, keys)| keys.capacity())
+            .chain(self.spare.iter().map(HashSet::capacity))
+            .sum()
     }
 }
 
@@ -71,7 +116,7 @@ mod tests {
     const SECOND: i64 = 1_000_000;
 
     #[test]
-    fn keys_are_remembered_for_the_retention_and_then_forgotten() {
+    fn keys_are_remembered_for_the_retention_and_forgotten_by_one_and_a_half_times_it() {
         let mut set = RecentSet::new(Duration::from_secs(10));
         set.insert(1u32, Timestamp(0));
         set.insert(2, Timestamp(5 * SECOND));
@@ -81,10 +126,12 @@ mod tests {
             set.contains(&1),
             "exactly the retention old: still remembered"
         );
-        set.insert(4, Timestamp(10 * SECOND + 1));
-        assert!(!set.contains(&1));
-        assert!(set.contains(&2) && set.contains(&3) && set.contains(&4));
-        assert_eq!(set.len(), 3);
+        set.insert(4, Timestamp(14 * SECOND));
+        assert!(set.contains(&1), "never forgotten before the retention");
+        set.insert(5, Timestamp(15 * SECOND + 1));
+        assert!(!set.contains(&1), "forgotten by 1.5 × the retention");
+        assert!(set.contains(&2) && set.contains(&3) && set.contains(&4) && set.contains(&5));
+        assert_eq!(set.len(), 4);
     }
 
     #[test]
@@ -94,25 +141,41 @@ mod tests {
         // A second insert does not extend it, and an event stamped earlier does not turn the clock back.
         set.insert(1, Timestamp(8 * SECOND));
         set.insert(2, Timestamp(3 * SECOND));
-        set.insert(3, Timestamp(11 * SECOND));
+        assert_eq!(set.len(), 2, "{set:?}");
+        set.insert(3, Timestamp(16 * SECOND));
         assert!(!set.contains(&1));
         assert!(
             set.contains(&2),
             "remembered from 8 s, the latest time seen when it came"
         );
-        set.insert(4, Timestamp(19 * SECOND));
+        set.insert(4, Timestamp(25 * SECOND));
         assert!(!set.contains(&2));
         assert_eq!(set.len(), 2);
     }
 
     #[test]
-    fn memory_stays_bounded_at_a_steady_rate() {
+    fn memory_stays_flat_at_a_steady_rate() {
         let mut set = RecentSet::new(Duration::from_secs(60));
+        let mut capacity_after_warm_up = 0;
         for i in 0..1_000_000u64 {
             // 1,000 keys a second for 1,000 seconds.
             set.insert(i, Timestamp(i as i64 * 1_000));
+            if i == 200_000 {
+                capacity_after_warm_up = set.capacity();
+            }
         }
-        assert_eq!(set.len(), 60_001);
-        assert!(set.order.capacity() < 2 * 65_536);
+        let remembered = set.len();
+        assert!(
+            (60_001..=90_001).contains(&remembered),
+            "{remembered} remembered"
+        );
+        for key in 1_000_000 - 60_000..1_000_000 {
+            assert!(set.contains(&key), "{key} forgotten within the retention");
+        }
+        assert_eq!(
+            set.capacity(),
+            capacity_after_warm_up,
+            "tables are reused, never reallocated"
+        );
     }
 }
