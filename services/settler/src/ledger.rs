@@ -802,17 +802,7 @@ mod tests {
 
     fn accrue(l: &mut Ledger, w: usize, amount: u64, at: i64) -> TaskId {
         let task = TaskId::new();
-        l.apply(
-            &Event::PaymentAccrued(PaymentAccrued {
-                task_id: task,
-                worker_id: worker(w),
-                attempt: 1,
-                gpu_millis: events::money::GpuMillis(amount),
-                price_per_gpu_second: Nanoton(1_000),
-                amount: Nanoton(amount),
-            }),
-            Timestamp(at),
-        );
+        accrue_task(l, task, w, amount, at);
         task
     }
 
