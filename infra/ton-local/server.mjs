@@ -13,7 +13,7 @@
 import http from 'node:http';
 import { Blockchain } from '@ton/sandbox';
 import { WalletContractV5R1 } from '@ton/ton';
-import { Address, Cell, Dictionary, beginCell, loadMessage, storeStateInit } from '@ton/core';
+import { Address, Cell, Dictionary, beginCell, loadMessage, loadTransaction, storeStateInit } from '@ton/core';
 
 // Everything except the ready line goes to stderr: the sandbox and its
 // dependencies log with console.log, and stdout is the machine interface.
@@ -263,8 +263,8 @@ function messageJson(cell, hashOverride) {
 }
 
 function transactionJson(rec) {
-    if (rec.json) return rec.json;
-    const tx = rec.tx;
+    // Parsed again from the recorded BOC on each request: a record stays small.
+    const tx = loadTransaction(Cell.fromBoc(rec.boc)[0].beginParse());
     // The messages exactly as recorded in the transaction cell (not
     // re-serialised), so their hashes are the chain's.
     const msgs = tx.raw.refs[0].beginParse();
@@ -277,7 +277,7 @@ function transactionJson(rec) {
     const action = generic ? d.actionPhase : undefined;
     const fee = tx.totalFees.coins;
     const storageFee = (generic && d.storagePhase?.storageFeesCollected) || 0n;
-    rec.json = {
+    return {
         '@type': 'raw.transaction',
         address: { '@type': 'accountAddress', account_address: friendly(rec.address, true) },
         utime: tx.now,
@@ -296,7 +296,6 @@ function transactionJson(rec) {
             skipped_actions: action ? action.skippedActions : null,
         },
     };
-    return rec.json;
 }
 
 // -------------------------------------------------------------------- chain
@@ -329,15 +328,27 @@ class Chain {
         return chain;
     }
 
-    /** Records transactions from a sandbox result; the first may carry the hash its external message was received with. */
+    /**
+     * Records transactions from a sandbox result; the first may carry the hash its external message was received
+     * with. A record keeps the transaction's BOC, not the sandbox's object (which holds logs, both account states
+     * and links to its parent and children: about 23 KB each), and the sandbox's own list of every transaction is
+     * emptied (this server never reads it), so a long run's memory grows by a BOC per transaction.
+     */
     record(transactions, firstInMsgHash) {
         transactions.forEach((tx, i) => {
             const dest = tx.inMessage?.info?.dest;
             const address = Address.isAddress(dest) ? dest : new Address(0, bigintHash(tx.address));
             const key = address.toRawString();
             if (!this.byAccount.has(key)) this.byAccount.set(key, []);
-            this.byAccount.get(key).push({ tx, address, inMsgHash: i === 0 ? firstInMsgHash : undefined });
+            this.byAccount.get(key).push({
+                boc: tx.raw.toBoc({ idx: false, crc32: false }),
+                lt: tx.lt,
+                hash: tx.hash(),
+                address,
+                inMsgHash: i === 0 ? firstInMsgHash : undefined,
+            });
         });
+        this.bc.transactions.length = 0;
     }
 
     async ensureTreasury(amount) {
@@ -418,21 +429,19 @@ function makeRoutes(chain) {
         const hasHash = params.hash !== undefined && params.hash !== '';
         if (hasLt !== hasHash) throw badRequest('lt and hash must be given together');
         const toLt = params.to_lt !== undefined && params.to_lt !== '' ? parseUint(params.to_lt, 'to_lt') : 0n;
-        const newestFirst = [...(chain.byAccount.get(address.toRawString()) ?? [])].reverse();
-        let start = 0;
+        const records = chain.byAccount.get(address.toRawString()) ?? []; // oldest first
+        let start = records.length - 1;
         if (hasLt) {
             const lt = parseUint(params.lt, 'lt');
             const hash = parseHash(params.hash, 'hash');
-            start = newestFirst.findIndex((rec) => rec.tx.lt === lt && rec.tx.hash().equals(hash));
+            while (start >= 0 && !(records[start].lt === lt && records[start].hash.equals(hash))) start--;
             if (start < 0) {
                 throw new HttpError(404, `transaction lt=${lt} hash=${b64(hash)} of ${friendly(address)} not found`);
             }
         }
-        return newestFirst
-            .slice(start)
-            .filter((rec) => rec.tx.lt > toLt)
-            .slice(0, limit)
-            .map(transactionJson);
+        const page = [];
+        for (let i = start; i >= 0 && page.length < limit && records[i].lt > toLt; i--) page.push(records[i]);
+        return page.map(transactionJson);
     });
 
     route('/api/v2/runGetMethod', ['GET', 'POST'], async (params) => {
