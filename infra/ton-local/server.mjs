@@ -262,9 +262,29 @@ function messageJson(cell, hashOverride) {
     };
 }
 
+// The JSON of the transactions asked for last. A wallet transaction with 255 transfers takes ~100 ms to render
+// and the settler asks for the wallet's newest ones again and again; older ones are rendered again from their BOC.
+const JSON_CACHE_ENTRIES = 256;
+const jsonCache = new Map(); // record -> JSON, least recently used first
+
 function transactionJson(rec) {
-    // Parsed again from the recorded BOC on each request: a record stays small.
-    const tx = loadTransaction(Cell.fromBoc(rec.boc)[0].beginParse());
+    const cached = jsonCache.get(rec);
+    if (cached !== undefined) {
+        jsonCache.delete(rec);
+        jsonCache.set(rec, cached);
+        return cached;
+    }
+    return cacheJson(rec, renderTransaction(rec, loadTransaction(Cell.fromBoc(rec.boc)[0].beginParse())));
+}
+
+function cacheJson(rec, json) {
+    jsonCache.set(rec, json);
+    if (jsonCache.size > JSON_CACHE_ENTRIES) jsonCache.delete(jsonCache.keys().next().value);
+    return json;
+}
+
+/** toncenter's raw.transaction for a record and its transaction (the sandbox's, or parsed from the record's BOC). */
+function renderTransaction(rec, tx) {
     // The messages exactly as recorded in the transaction cell (not
     // re-serialised), so their hashes are the chain's.
     const msgs = tx.raw.refs[0].beginParse();
@@ -340,13 +360,16 @@ class Chain {
             const address = Address.isAddress(dest) ? dest : new Address(0, bigintHash(tx.address));
             const key = address.toRawString();
             if (!this.byAccount.has(key)) this.byAccount.set(key, []);
-            this.byAccount.get(key).push({
+            const rec = {
                 boc: tx.raw.toBoc({ idx: false, crc32: false }),
                 lt: tx.lt,
                 hash: tx.hash(),
                 address,
                 inMsgHash: i === 0 ? firstInMsgHash : undefined,
-            });
+            };
+            this.byAccount.get(key).push(rec);
+            // The wallet's transaction for an external message is what the settler asks for next.
+            if (rec.inMsgHash !== undefined) cacheJson(rec, renderTransaction(rec, tx));
         });
         this.bc.transactions.length = 0;
     }
