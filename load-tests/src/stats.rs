@@ -292,74 +292,87 @@ pub enum LatencyKind {
     Overhead,
 }
 
-/// How a memory series behaved over the load.
+/// How a memory series behaved over the load, after its warm-up.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Flatness {
-    /// Least-squares slope over the second half of the load, MiB per minute.
+    /// Where the judged window starts (seconds): the warm-up ends there.
+    pub from_s: f64,
+    /// Least-squares slope over the judged window (warm-up's end to the load's end), MiB per minute.
     pub slope_mib_per_min: f64,
-    /// That slope times the second half's length: how much it grew there.
-    pub growth_second_half_mib: f64,
-    /// Mean over the second half.
+    /// That slope times the window's length: how much it grew there.
+    pub growth_mib: f64,
+    /// Mean over the judged window.
     pub mean_mib: f64,
-    /// Highest and lowest value over the last 80% of the load (the last 4 minutes of a 5-minute run).
-    pub min_mib: f64,
+    /// The band holding 90% of the window's samples (5th and 95th percentiles), and its highest sample.
+    pub p5_mib: f64,
+    pub p95_mib: f64,
     pub max_mib: f64,
     pub flat: bool,
 }
 
 impl Flatness {
+    /// p95/p5: how wide the band is.
     pub fn ratio(&self) -> f64 {
-        if self.min_mib > 0.0 {
-            self.max_mib / self.min_mib
+        if self.p5_mib > 0.0 {
+            self.p95_mib / self.p5_mib
         } else {
             f64::INFINITY
         }
     }
 }
 
-/// Growth over the second half below this share of the mean (or [`FLAT_GROWTH_MIB`], whichever is larger)
+/// Growth over the judged window below this share of the mean (or [`FLAT_GROWTH_MIB`], whichever is larger)
 /// counts as flat.
 pub const FLAT_GROWTH_SHARE: f64 = 0.05;
 pub const FLAT_GROWTH_MIB: f64 = 4.0;
-/// Max/min over the last 80% of the load at most this (or a spread of at most [`FLAT_SPREAD_MIB`]).
+/// The 5th–95th percentile band over the judged window at most this wide as p95/p5 (or [`FLAT_SPREAD_MIB`]).
 pub const FLAT_RATIO: f64 = 1.10;
 pub const FLAT_SPREAD_MIB: f64 = 8.0;
+/// The warm-up is at least this share of the load, and at most [`WARM_UP_MAX_SHARE`] of it.
+pub const WARM_UP_MIN_SHARE: f64 = 0.2;
+pub const WARM_UP_MAX_SHARE: f64 = 0.5;
 
-/// Whether the series `(seconds, MiB)` stayed flat over the load `[0, load_end]`; `None` with fewer than four
-/// points in the second half.
-pub fn flatness(points: &[(f64, f64)], load_end: f64) -> Option<Flatness> {
-    let half: Vec<(f64, f64)> = points
+/// When memory is judged from, in a load of `load_end` seconds whose longest-lived bounded state (a cache of
+/// recent ids, an accrual window) is kept `retention_s` seconds: a cache fills for as long as it keeps its
+/// entries, and one kept in generations (the allocator's finished tasks) holds up to 1.5 times that. So the
+/// warm-up is 1.5 × `retention_s`, at least 20% of the load and at most half of it (a run too short for its
+/// retention is then judged on its second half, warm-up included, which errs towards "grows").
+pub fn warm_up(load_end: f64, retention_s: f64) -> f64 {
+    (1.5 * retention_s).clamp(load_end * WARM_UP_MIN_SHARE, load_end * WARM_UP_MAX_SHARE)
+}
+
+/// Whether the series `(seconds, MiB)` stayed flat over `[from, load_end]` (the load after its warm-up, see
+/// [`warm_up`]): it neither grows (least-squares over the window) nor swings (the band of 90% of the samples;
+/// a single second's spike, a transient batch buffer, is not growth and is reported as the maximum). `None`
+/// with fewer than four samples in the window.
+pub fn flatness(points: &[(f64, f64)], from: f64, load_end: f64) -> Option<Flatness> {
+    let window: Vec<(f64, f64)> = points
         .iter()
         .copied()
-        .filter(|(t, v)| *t >= load_end / 2.0 && *t <= load_end && v.is_finite())
+        .filter(|(t, v)| *t >= from && *t <= load_end && v.is_finite())
         .collect();
-    if half.len() < 4 {
+    if window.len() < 4 {
         return None;
     }
-    let n = half.len() as f64;
-    let mean_t = half.iter().map(|p| p.0).sum::<f64>() / n;
-    let mean_v = half.iter().map(|p| p.1).sum::<f64>() / n;
-    let cov: f64 = half.iter().map(|p| (p.0 - mean_t) * (p.1 - mean_v)).sum();
-    let var: f64 = half.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
-    let slope = if var > 0.0 { cov / var } else { 0.0 };
-    let span = half.last().map_or(0.0, |p| p.0) - half[0].0;
-    let growth = slope * span;
-    let window: Vec<f64> = points
-        .iter()
-        .filter(|(t, v)| *t >= load_end * 0.2 && *t <= load_end && v.is_finite())
-        .map(|p| p.1)
-        .collect();
-    let min = window.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = window.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let grows = growth > (mean_v * FLAT_GROWTH_SHARE).max(FLAT_GROWTH_MIB);
-    let spread = max - min > (min * (FLAT_RATIO - 1.0)).max(FLAT_SPREAD_MIB);
+    let n = window.len() as f64;
+    let mean = window.iter().map(|p| p.1).sum::<f64>() / n;
+    let slope = slope(&window);
+    let growth = slope * (window[window.len() - 1].0 - window[0].0);
+    let mut values: Vec<f64> = window.iter().map(|p| p.1).collect();
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    let (p5, p95, max) = (at(0.05), at(0.95), values[values.len() - 1]);
+    let grows = growth > (mean * FLAT_GROWTH_SHARE).max(FLAT_GROWTH_MIB);
+    let swings = p95 - p5 > (p5 * (FLAT_RATIO - 1.0)).max(FLAT_SPREAD_MIB);
     Some(Flatness {
+        from_s: from,
         slope_mib_per_min: slope * 60.0,
-        growth_second_half_mib: growth,
-        mean_mib: mean_v,
-        min_mib: min,
+        growth_mib: growth,
+        mean_mib: mean,
+        p5_mib: p5,
+        p95_mib: p95,
         max_mib: max,
-        flat: !grows && !spread,
+        flat: !grows && !swings,
     })
 }
 
@@ -484,23 +497,44 @@ mod tests {
         let flat: Vec<(f64, f64)> = (0..300)
             .map(|s| (f64::from(s), 100.0 + f64::from(s % 7)))
             .collect();
-        let f = flatness(&flat, 300.0).unwrap();
+        let f = flatness(&flat, 60.0, 300.0).unwrap();
         assert!(f.flat, "{f:?}");
         assert!(f.slope_mib_per_min.abs() < 1.0);
-        // A leak: 0.2 MiB/s, 30 MiB over the second half of a 300 MiB process... and 60 over the window.
+        // A leak: 0.2 MiB/s, 48 MiB over the 240 s judged.
         let leak: Vec<(f64, f64)> = (0..300)
             .map(|s| (f64::from(s), 300.0 + 0.2 * f64::from(s)))
             .collect();
-        let f = flatness(&leak, 300.0).unwrap();
+        let f = flatness(&leak, 60.0, 300.0).unwrap();
         assert!(!f.flat, "{f:?}");
         assert!((f.slope_mib_per_min - 12.0).abs() < 1e-6);
-        assert!((f.growth_second_half_mib - 29.8).abs() < 0.5);
-        // A warm-up jump in the first fifth, flat after it.
-        let warm: Vec<(f64, f64)> = (0..300)
-            .map(|s| (f64::from(s), if s < 30 { 20.0 } else { 80.0 }))
+        assert!((f.growth_mib - 47.8).abs() < 0.5, "{f:?}");
+        // A cache filling for 150 s, then flat: flat once the warm-up is past, growing if judged from 60 s.
+        let fill: Vec<(f64, f64)> = (0..600)
+            .map(|s| (f64::from(s), 20.0 + 0.1 * f64::from(s.min(150))))
             .collect();
-        assert!(flatness(&warm, 300.0).unwrap().flat);
-        assert!(flatness(&flat[..3], 300.0).is_none());
+        assert!(flatness(&fill, warm_up(600.0, 150.0), 600.0).unwrap().flat);
+        assert!(!flatness(&fill, 60.0, 600.0).unwrap().flat);
+        // Single-second spikes (a transient buffer) stay out of the band but show as the maximum.
+        let spiky: Vec<(f64, f64)> = (0..300)
+            .map(|s| (f64::from(s), if s % 50 == 0 { 60.0 } else { 30.0 }))
+            .collect();
+        let f = flatness(&spiky, 60.0, 300.0).unwrap();
+        assert!(f.flat, "{f:?}");
+        assert_eq!((f.p95_mib, f.max_mib), (30.0, 60.0));
+        // A level that keeps swinging by 30% is not flat, though it does not grow.
+        let swinging: Vec<(f64, f64)> = (0..300)
+            .map(|s| (f64::from(s), if (s / 20) % 2 == 0 { 100.0 } else { 130.0 }))
+            .collect();
+        let f = flatness(&swinging, 60.0, 300.0).unwrap();
+        assert!(!f.flat && f.ratio() > 1.25, "{f:?}");
+        assert!(flatness(&flat, 298.0, 300.0).is_none());
+    }
+
+    #[test]
+    fn warm_up_is_one_and_a_half_retentions_within_a_fifth_and_a_half_of_the_load() {
+        assert_eq!(warm_up(600.0, 150.0), 225.0);
+        assert_eq!(warm_up(600.0, 10.0), 120.0);
+        assert_eq!(warm_up(300.0, 150.0), 150.0);
     }
 
     #[test]

@@ -1373,6 +1373,11 @@ impl Report<'_> {
         // Postgres backends share the buffer cache, which each backend's VmRSS counts as it touches it: their
         // private memory (RssAnon) is what would show a leak.
         let is_pg = |name: &str| name == "postgres";
+        let retention = s
+            .allocator
+            .finished_retention_s
+            .max(s.settler.accrual_window_s) as f64;
+        let judged_from = stats::warm_up(self.load_end, retention);
         let flat: Vec<MemorySeries> = names
             .iter()
             .enumerate()
@@ -1380,7 +1385,7 @@ impl Report<'_> {
                 let points = mem_points(i, is_pg(name));
                 MemorySeries {
                     name: name.clone(),
-                    flat: stats::flatness(&points, self.load_end),
+                    flat: stats::flatness(&points, judged_from, self.load_end),
                     points,
                 }
             })
@@ -1481,6 +1486,7 @@ impl Report<'_> {
             ),
         ] {
             let mut chart = LineChart::new(title, "seconds since the load started", "MiB")
+                .marker(judged_from, "warm-up ends")
                 .marker(end_marker.0, end_marker.1.clone());
             for m in &flat {
                 if SERVICES.contains(&m.name.as_str()) == services {
@@ -1686,7 +1692,7 @@ impl Report<'_> {
                      name: n, flat: f, ..
                  }| match f {
                     Some(f) => format!(
-                        "{n} {} ({:+.2} MiB/min, max/min {:.2})",
+                        "{n} {} ({:+.2} MiB/min, p95/p5 {:.2})",
                         if f.flat { "flat" } else { "GROWS" },
                         f.slope_mib_per_min,
                         f.ratio()
@@ -1864,11 +1870,15 @@ impl Report<'_> {
 
         let _ = writeln!(
             md,
-            "## Memory\n\n![memory of the services](memory_services.svg)\n\n![memory of the servers](memory_servers.svg)\n\nFlat means: over the second half of the load the least-squares growth is below {:.0}% of the mean (or {:.0} MiB), and over the last 80% of the load (the last 4 minutes of a 5-minute run) max/min ≤ {:.2} (or a spread of at most {:.0} MiB). Postgres is the private memory (RssAnon) of the backends serving this run's database: their VmRSS also counts the shared buffers each has touched, which is cache, not growth.\n\n| process | MiB at 20% of the load | at its end | min – max (last 80%) | max/min | slope, 2nd half | growth, 2nd half | flat |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "## Memory\n\n![memory of the services](memory_services.svg)\n\n![memory of the servers](memory_servers.svg)\n\nMemory is judged after a warm-up of {:.0} s: the longest-lived bounded state of this run (the allocator's finished tasks, {} s; the settler's accrual window, {} s) fills for as long as it keeps its entries, up to 1.5 times that for state kept in generations; the warm-up is 1.5 times the longer of the two, at least 20% and at most half of the load. Flat means: from there to the end of the load, the least-squares growth is below {:.0}% of the mean (or {:.0} MiB), and the band holding 90% of the samples (5th to 95th percentile) is at most {:.2} as p95/p5 (or {:.0} MiB wide); a single second's spike (a transient batch buffer) shows as the maximum, outside the band. Postgres is the private memory (RssAnon) of the backends serving this run's database: their VmRSS also counts the shared buffers each has touched, which is cache, not growth.\n\n| process | MiB at {:.0} s (warm-up's end) | at the load's end | p5 – p95 after warm-up | p95/p5 | max | slope after warm-up | growth after warm-up | flat |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            judged_from,
+            s.allocator.finished_retention_s,
+            s.settler.accrual_window_s,
             stats::FLAT_GROWTH_SHARE * 100.0,
             stats::FLAT_GROWTH_MIB,
             stats::FLAT_RATIO,
-            stats::FLAT_SPREAD_MIB
+            stats::FLAT_SPREAD_MIB,
+            judged_from
         );
         for MemorySeries {
             name,
@@ -1885,26 +1895,27 @@ impl Report<'_> {
                 Some(f) => {
                     let _ = writeln!(
                         md,
-                        "| {name}{} | {:.1} | {:.1} | {:.1} – {:.1} | {:.3} | {:+.2} MiB/min | {:+.1} MiB | {} |",
+                        "| {name}{} | {:.1} | {:.1} | {:.1} – {:.1} | {:.3} | {:.1} | {:+.2} MiB/min | {:+.1} MiB | {} |",
                         if SERVICES.contains(&name.as_str()) {
                             ""
                         } else {
                             " (not a service)"
                         },
-                        at(self.load_end * 0.2),
+                        at(f.from_s),
                         at(self.load_end),
-                        f.min_mib,
-                        f.max_mib,
+                        f.p5_mib,
+                        f.p95_mib,
                         f.ratio(),
+                        f.max_mib,
                         f.slope_mib_per_min,
-                        f.growth_second_half_mib,
+                        f.growth_mib,
                         if f.flat { "yes" } else { "**no**" }
                     );
                 }
                 None => {
                     let _ = writeln!(
                         md,
-                        "| {name} | — | — | — | — | — | — | not enough samples |"
+                        "| {name} | — | — | — | — | — | — | — | not enough samples |"
                     );
                 }
             }
