@@ -262,9 +262,9 @@ function messageJson(cell, hashOverride) {
     };
 }
 
-// The JSON of the transactions asked for last. A wallet transaction with 255 transfers takes ~100 ms to render
-// and the settler asks for the wallet's newest ones again and again; older ones are rendered again from their BOC.
-const JSON_CACHE_ENTRIES = 256;
+// The JSON of the transactions asked for last (a wallet transaction with 255 transfers: ~250 KB, ~100 ms to render;
+// the settler asks for the wallet's newest again and again, at most 32 at a time); older ones are rendered again.
+const JSON_CACHE_ENTRIES = 32;
 const jsonCache = new Map(); // record -> JSON, least recently used first
 
 function transactionJson(rec) {
