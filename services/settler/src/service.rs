@@ -314,7 +314,15 @@ pub async fn run(
             Some(answer) = chain.join_next(), if !chain.is_empty() => {
                 let answer = answer.map_err(|e| SettlerError::ChainJob(e.to_string()))?;
                 settler.flush().await?;
-                if let Some(job) = settler.on_answer(answer).await? {
+                // After a check or a send, the next round runs at once rather than at the next tick: a confirmed
+                // settlement is followed by the next batch without a tick's wait. It cannot spin: checks keep to
+                // `check_interval`, and a seqno answer (which may say the wallet is unavailable) waits for the tick.
+                let go_on = matches!(answer, ChainAnswer::Check { .. } | ChainAnswer::Send { .. });
+                let next = match settler.on_answer(answer).await? {
+                    None if go_on => settler.step().await?,
+                    next => next,
+                };
+                if let Some(job) = next {
                     settler.start(job, &mut chain);
                 }
             }
