@@ -262,25 +262,20 @@ function messageJson(cell, hashOverride) {
     };
 }
 
-// The JSON of the transactions asked for last (a wallet transaction with 255 transfers: ~250 KB, ~100 ms to render;
-// the settler asks for the wallet's newest again and again, at most 32 at a time); older ones are rendered again.
-const JSON_CACHE_ENTRIES = 32;
-const jsonCache = new Map(); // record -> JSON, least recently used first
+// The JSON of the newest transactions made by external messages (the wallet's), rendered as they execute: one with
+// 255 transfers is ~250 KB and takes ~100 ms to render, and the settler looks at the wallet's newest again and
+// again. A page of them (at most 100) is served without rendering; any other transaction is rendered from its BOC
+// when asked for.
+const RENDERED_KEPT = 100;
+const rendered = new Map(); // record -> JSON, oldest first
 
 function transactionJson(rec) {
-    const cached = jsonCache.get(rec);
-    if (cached !== undefined) {
-        jsonCache.delete(rec);
-        jsonCache.set(rec, cached);
-        return cached;
-    }
-    return cacheJson(rec, renderTransaction(rec, loadTransaction(Cell.fromBoc(rec.boc)[0].beginParse())));
+    return rendered.get(rec) ?? renderTransaction(rec, loadTransaction(Cell.fromBoc(rec.boc)[0].beginParse()));
 }
 
-function cacheJson(rec, json) {
-    jsonCache.set(rec, json);
-    if (jsonCache.size > JSON_CACHE_ENTRIES) jsonCache.delete(jsonCache.keys().next().value);
-    return json;
+function keepRendered(rec, json) {
+    rendered.set(rec, json);
+    if (rendered.size > RENDERED_KEPT) rendered.delete(rendered.keys().next().value);
 }
 
 /** toncenter's raw.transaction for a record and its transaction (the sandbox's, or parsed from the record's BOC). */
@@ -352,7 +347,7 @@ class Chain {
      * Records transactions from a sandbox result; the first may carry the hash its external message was received
      * with. A record keeps the transaction's BOC, not the sandbox's object (which holds logs, both account states
      * and links to its parent and children: about 23 KB each), and the sandbox's own list of every transaction is
-     * emptied (this server never reads it), so a long run's memory grows by a BOC per transaction.
+     * emptied (this server never reads it): the records grow by a BOC per transaction, not by 23 KB.
      */
     record(transactions, firstInMsgHash) {
         transactions.forEach((tx, i) => {
@@ -369,7 +364,7 @@ class Chain {
             };
             this.byAccount.get(key).push(rec);
             // The wallet's transaction for an external message is what the settler asks for next.
-            if (rec.inMsgHash !== undefined) cacheJson(rec, renderTransaction(rec, tx));
+            if (rec.inMsgHash !== undefined) keepRendered(rec, renderTransaction(rec, tx));
         });
         this.bc.transactions.length = 0;
     }
