@@ -65,10 +65,7 @@ impl Percentiles {
         }
         let mut sorted = latencies_us.to_vec();
         sorted.sort_unstable();
-        let at = |p: f64| {
-            let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-            f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
-        };
+        let at = |p: f64| f64::from(sorted[nearest_rank(sorted.len(), p)]) / 1000.0;
         Some(Percentiles {
             count: sorted.len(),
             p50: at(0.50),
@@ -360,7 +357,7 @@ pub fn flatness(points: &[(f64, f64)], from: f64, load_end: f64) -> Option<Flatn
     let growth = slope * (window[window.len() - 1].0 - window[0].0);
     let mut values: Vec<f64> = window.iter().map(|p| p.1).collect();
     values.sort_by(f64::total_cmp);
-    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    let at = |q: f64| values[nearest_rank(values.len(), q)];
     let (p5, p95, max) = (at(0.05), at(0.95), values[values.len() - 1]);
     let grows = growth > (mean * FLAT_GROWTH_SHARE).max(FLAT_GROWTH_MIB);
     let swings = p95 - p5 > (p5 * (FLAT_RATIO - 1.0)).max(FLAT_SPREAD_MIB);
@@ -374,6 +371,11 @@ pub fn flatness(points: &[(f64, f64)], from: f64, load_end: f64) -> Option<Flatn
         max_mib: max,
         flat: !grows && !swings,
     })
+}
+
+/// The index of the `q` quantile (0..=1) in a sorted slice of `len` > 0 values, by nearest rank.
+fn nearest_rank(len: usize, q: f64) -> usize {
+    (((len - 1) as f64 * q).round() as usize).min(len - 1)
 }
 
 /// Least-squares slope of `(x, y)` points (0 with fewer than two distinct x).

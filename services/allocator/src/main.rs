@@ -37,8 +37,8 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     reject_after_ms: u64,
     /// How long (of log time) a finished task is at least remembered, so that a late or repeated event about it
-    /// changes nothing; it is forgotten by one and a half times this, which keeps memory bounded. Keep it well past the streams' 2-minute
-    /// duplicate window.
+    /// changes nothing; it is forgotten by one and a half times this, which keeps memory bounded. Keep it well
+    /// past the streams' 2-minute duplicate window.
     #[arg(long, default_value_t = 600)]
     finished_retention_s: u64,
     /// Lease time to live; a standby takes over at most about this long after the active one dies.
