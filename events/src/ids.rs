@@ -180,7 +180,7 @@ macro_rules! token_id {
 }
 
 uuid_id!(
-    /// The id of one event (UUIDv7). Also the JetStream de-duplication key of the frame it opens.
+    /// The id of one event (UUIDv7). The JetStream de-duplication key of a frame is built from its events' ids.
     EventId,
     "event id"
 );

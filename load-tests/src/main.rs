@@ -760,14 +760,18 @@ struct RawMessage {
 }
 
 impl RawMessage {
-    fn new(subject: &str, frame: events::EncodedFrame, first: &EventRecord) -> RawMessage {
+    fn new(subject: &str, frame: events::EncodedFrame, batch: &[EventRecord]) -> RawMessage {
         let mut headers = async_nats::HeaderMap::new();
         for (name, value) in frame.headers.pairs() {
             headers.insert(name, value.as_str());
         }
+        let mut key = bus::FrameKey::new(batch[0].envelope.event_id);
+        for record in &batch[1..] {
+            key.push(record.envelope.event_id);
+        }
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
-            first.envelope.event_id.to_string().as_str(),
+            key.message_id().as_str(),
         );
         RawMessage {
             subject: subject.to_owned().into(),
@@ -785,7 +789,11 @@ fn pre_encode_single(records: &[EventRecord]) -> anyhow::Result<RawSet> {
         .map(|record| {
             let frame = encode_frame(codec, std::slice::from_ref(record))?;
             let subject = record.subject(Partitions::DEFAULT);
-            Ok(RawMessage::new(subject.as_str(), frame, record))
+            Ok(RawMessage::new(
+                subject.as_str(),
+                frame,
+                std::slice::from_ref(record),
+            ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(RawSet {
@@ -802,7 +810,7 @@ fn pre_encode_frames(records: &[EventRecord], per_frame: usize) -> anyhow::Resul
     let mut messages = Vec::new();
     let mut seal = |subject: &str, batch: &[EventRecord]| -> anyhow::Result<()> {
         let frame = encode_frame(codec, batch)?;
-        messages.push(RawMessage::new(subject, frame, &batch[0]));
+        messages.push(RawMessage::new(subject, frame, batch));
         Ok(())
     };
     for record in records {

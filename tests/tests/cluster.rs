@@ -2,10 +2,10 @@
 //! nothing acknowledged lost or duplicated, in the log or in the read model.
 //!
 //! The load goes through the real batching publisher with one event per frame, so a frame's `Nats-Msg-Id`
-//! (its first event's id) is the event's id: a publish that failed during the leader election is retried
-//! with the same id, and the server stores it once whether or not the failed attempt had been stored. (With
-//! several events per frame a retry may group them differently, and only the first event's id guards a
-//! frame.)
+//! is the event's id: a publish that failed during the leader election is retried with the same id, and the
+//! server stores it once whether or not the failed attempt had been stored. (With several events per frame a
+//! retry may group them differently: the frame gets another key, so the retried event may be stored twice;
+//! the new events grouped with it are never dropped, see `bus::FrameKey`.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,8 +3,8 @@
 //! - consumes: nothing by itself; [`FrameConsumer`] hands frames to its caller;
 //! - produces: frames of events, through the batching [`Publisher`];
 //! - owns: stream and consumer provisioning ([`provision`]);
-//! - guarantees: every published frame carries a `Nats-Msg-Id` (its first event's id) so a repeated publish is
-//!   dropped by the server; every failed publish reaches the caller, through the event's [`Receipt`] and the
+//! - guarantees: every published frame carries a `Nats-Msg-Id` derived from the ids of all its events
+//!   ([`FrameKey`]), so a repeated publish is dropped by the server and a re-batched one is not; every failed publish reaches the caller, through the event's [`Receipt`] and the
 //!   next [`Publisher::flush`]; a consumer acks only when its caller says the work is committed.
 //!
 //! Services never build subjects or stream configs themselves: subjects come from `events::subjects`, stream
@@ -25,7 +25,7 @@ pub use consumer::{
     ReceivedFrame, last_sequence, read_events,
 };
 pub use provision::{ProvisionError, ProvisionOutcome, ProvisionReport, provision_streams};
-pub use publisher::{Position, PublishError, Publisher, PublisherConfig, Receipt};
+pub use publisher::{FrameKey, Position, PublishError, Publisher, PublisherConfig, Receipt};
 
 /// Where and how to reach NATS.
 #[derive(Debug, Clone)]

@@ -8,7 +8,9 @@
 //!   its frame, and [`Publisher::flush`] reports every frame that failed since the previous flush;
 //! - bounded memory: at most `max_pending_events` events are buffered or awaiting an ack; `publish` waits for
 //!   room beyond that (backpressure);
-//! - a frame's `Nats-Msg-Id` is its first event's id, so a frame published twice is stored once.
+//! - a frame published twice is stored once: its `Nats-Msg-Id` is derived from every event id it carries, in
+//!   order (see [`FrameKey`]), so a resend is deduplicated while a frame that merely starts with an event
+//!   already stored (a retried event batched with new ones) is stored, not dropped with the new events.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,6 +26,7 @@ use events::frame::{FrameSealer, RawFrame, encode_event_into};
 use events::{CodecConfig, EventId, EventRecord, FrameBuilder, Partitions};
 use futures_util::FutureExt;
 use futures_util::future::Shared;
+use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 /// How frames are formed and how much may be in flight.
@@ -141,11 +144,57 @@ impl Future for Receipt {
     }
 }
 
+/// The de-duplication key of a frame, built as its events are appended.
+///
+/// A frame of one event is keyed by that event's id. A frame of several is keyed by its first event's id, its
+/// event count and a digest of every event id in order: `<first>.<count>.<32 hex digits>`. Keying a frame by its
+/// first event alone would make the server drop, as a "duplicate", a frame that only begins with an event it
+/// already stored (a caller retrying that event after a timeout, batched with events never sent before), and
+/// with it the new events, while their receipts reported success.
+#[derive(Clone, Debug)]
+pub struct FrameKey {
+    first: EventId,
+    count: u32,
+    digest: Sha256,
+}
+
+impl FrameKey {
+    pub fn new(first: EventId) -> FrameKey {
+        let mut key = FrameKey {
+            first,
+            count: 0,
+            digest: Sha256::new(),
+        };
+        key.push(first);
+        key
+    }
+
+    /// Adds the next event of the frame (the first is added by [`FrameKey::new`]).
+    pub fn push(&mut self, event: EventId) {
+        self.count += 1;
+        self.digest.update(event.as_uuid().as_bytes());
+    }
+
+    /// The frame's `Nats-Msg-Id`.
+    pub fn message_id(&self) -> String {
+        if self.count <= 1 {
+            return self.first.to_string();
+        }
+        let digest = self.digest.clone().finalize();
+        let mut id = format!("{}.{}.", self.first, self.count);
+        for byte in &digest[..16] {
+            use std::fmt::Write;
+            let _ = write!(id, "{byte:02x}");
+        }
+        id
+    }
+}
+
 /// A frame being filled for one subject.
 struct OpenFrame {
     builder: FrameBuilder,
     opened: Instant,
-    first_event: EventId,
+    key: FrameKey,
     tx: oneshot::Sender<FrameOutcome>,
     outcome: SharedOutcome,
 }
@@ -154,7 +203,7 @@ struct OpenFrame {
 struct ClosedFrame {
     subject: String,
     raw: RawFrame,
-    first_event: EventId,
+    key: FrameKey,
     tx: oneshot::Sender<FrameOutcome>,
 }
 
@@ -201,7 +250,7 @@ impl Inner {
         let closed = ClosedFrame {
             subject,
             raw: { frame.builder }.finish(),
-            first_event: frame.first_event,
+            key: frame.key,
             tx: frame.tx,
         };
         // The sender lives as long as any frame can be sent; if it is gone, the receipts see `Closed`.
@@ -339,14 +388,15 @@ impl Publisher {
             shared.close(subject.to_owned(), frame);
         }
         // Look up before inserting: the subject is copied only when its frame opens, not per event.
-        if !open.contains_key(subject) {
+        let opens = !open.contains_key(subject);
+        if opens {
             let (tx, rx) = oneshot::channel();
             open.insert(
                 subject.to_owned(),
                 OpenFrame {
                     builder: FrameBuilder::new(config.codec),
                     opened: Instant::now(),
-                    first_event: event_id,
+                    key: FrameKey::new(event_id),
                     tx,
                     outcome: rx.shared(),
                 },
@@ -356,10 +406,17 @@ impl Publisher {
             return Err(PublishError::Closed);
         };
         let index = frame.builder.len();
-        frame
-            .builder
-            .push_encoded(element)
-            .map_err(|e| PublishError::Encode(e.to_string()))?;
+        let pushed = frame.builder.push_encoded(element);
+        if let Err(e) = pushed {
+            // A frame this event opened holds nothing: drop it rather than send it empty.
+            if opens {
+                open.remove(subject);
+            }
+            return Err(PublishError::Encode(e.to_string()));
+        }
+        if !opens {
+            frame.key.push(event_id);
+        }
         let receipt = Receipt {
             frame: frame.outcome.clone(),
             index,
@@ -453,7 +510,7 @@ async fn send_frames(
         let publish = PublishMessage::build()
             .payload(Bytes::from(sealed.body))
             .headers(headers)
-            .message_id(frame.first_event.to_string());
+            .message_id(frame.key.message_id());
         let subject = frame.subject;
         let tx = frame.tx;
         match js.send_publish(subject.clone(), publish).await {
@@ -478,6 +535,34 @@ async fn send_frames(
                 tracker.resolve(events, &outcome);
                 let _ = tx.send(outcome);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ids: &[u128]) -> String {
+        let mut key = FrameKey::new(EventId::from_u128(ids[0]));
+        for &id in &ids[1..] {
+            key.push(EventId::from_u128(id));
+        }
+        key.message_id()
+    }
+
+    #[test]
+    fn a_frame_of_one_event_is_keyed_by_its_id() {
+        assert_eq!(key(&[7]), EventId::from_u128(7).to_string());
+    }
+
+    #[test]
+    fn a_frame_key_covers_every_event_in_order() {
+        assert_eq!(key(&[1, 2, 3]), key(&[1, 2, 3]));
+        let first = EventId::from_u128(1).to_string();
+        assert!(key(&[1, 2, 3]).starts_with(&format!("{first}.3.")));
+        for other in [&[1, 2][..], &[1, 2, 4], &[1, 3, 2], &[1, 2, 3, 4], &[1]] {
+            assert_ne!(key(&[1, 2, 3]), key(other), "{other:?}");
         }
     }
 }

@@ -318,6 +318,51 @@ async fn a_repeated_frame_is_stored_once() {
     assert_eq!(stored_frames(&bus.jetstream, Stream::Tasks).await.len(), 1);
 }
 
+/// A caller that retries an event after a timeout may see it batched with events never sent before. The
+/// server must store that frame (the retried event twice in the log, which the read models absorb), not
+/// drop it as a duplicate of the stored frame that began with the same event, losing the new ones.
+#[tokio::test]
+async fn a_retried_event_batched_with_new_ones_is_not_dropped() {
+    let server = NatsServer::start().await;
+    let bus = bus(&server).await;
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    let config = PublisherConfig {
+        max_events: 3,
+        linger: NEVER,
+        ..Default::default()
+    };
+    let publisher = Publisher::new(bus.jetstream.clone(), config).unwrap();
+    let records = same_subject_records(4);
+    let (stored, fresh) = (&records[..3], &records[3]);
+    let mut first = Vec::new();
+    for r in stored {
+        first.push(publisher.publish(r).await.unwrap());
+    }
+    publisher.flush().await.unwrap();
+    // The same three again: the same frame, deduplicated.
+    let mut again = Vec::new();
+    for r in stored {
+        again.push(publisher.publish(r).await.unwrap());
+    }
+    publisher.flush().await.unwrap();
+    // The first event retried, batched with a new one.
+    let retried = publisher.publish(&stored[0]).await.unwrap();
+    let new = publisher.publish(fresh).await.unwrap();
+    publisher.flush().await.unwrap();
+
+    let first = first.pop().unwrap().await.unwrap();
+    let again = again.pop().unwrap().await.unwrap();
+    assert!(!first.duplicate);
+    assert!(again.duplicate, "an identical frame is deduplicated");
+    assert_eq!(again.sequence, first.sequence);
+    let (retried, new) = (retried.await.unwrap(), new.await.unwrap());
+    assert!(!new.duplicate, "the new event was dropped as a duplicate");
+    assert_eq!((retried.sequence, retried.index), (2, 0));
+    assert_eq!((new.sequence, new.index), (2, 1));
+    let frames = stored_frames(&bus.jetstream, Stream::Tasks).await;
+    assert_eq!(frames.iter().map(|f| f.1).collect::<Vec<_>>(), vec![3, 2]);
+}
+
 #[tokio::test]
 async fn consumer_hands_frames_in_order_and_acks_the_batch() {
     let server = NatsServer::start().await;

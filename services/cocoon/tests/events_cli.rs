@@ -19,7 +19,7 @@ async fn stack() -> (NatsServer, Bus) {
 
 async fn publish_samples(bus: &Bus) -> usize {
     let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default()).unwrap();
-    // Fresh event ids: a frame's Nats-Msg-Id is its first event id, and a repeat would be deduplicated.
+    // Fresh event ids: a frame's Nats-Msg-Id comes from its event ids, and a repeat would be deduplicated.
     let mut records = all_records();
     for r in &mut records {
         r.envelope.event_id = events::EventId::new();

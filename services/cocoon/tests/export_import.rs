@@ -21,7 +21,7 @@ async fn stack() -> (NatsServer, Bus) {
     (server, bus)
 }
 
-/// Publishes one of every sample event, with fresh ids (a frame's Nats-Msg-Id is its first event's id).
+/// Publishes one of every sample event, with fresh ids (a frame's Nats-Msg-Id comes from its event ids).
 async fn publish_samples(bus: &Bus) -> usize {
     let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default()).unwrap();
     let mut records = all_records();
