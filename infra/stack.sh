@@ -433,6 +433,9 @@ checkpoint_timeout = 15min
 work_mem = 16MB
 maintenance_work_mem = 128MB
 log_min_duration_statement = 1000
+# The projector binds arrays of thousands of values: log a slow statement's
+# parameters, but at most 1 KiB of each (whole, one line reached megabytes).
+log_parameter_max_length = 1024
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
     # Loopback and the socket only; no password (trust) because nothing else

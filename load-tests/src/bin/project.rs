@@ -2081,7 +2081,7 @@ async fn rebuild_benchmark(args: RebuildArgs) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         r,
-        "- of which verification: the rebuild fingerprints (count + md5 of the sorted rows) the live and the shadow tables; one fingerprint of the rebuilt tables took {} afterwards, so about twice that per rebuild",
+        "- of which verification: the rebuild fingerprints (count + sum of 64-bit row hashes) the live and the shadow tables; one fingerprint of the rebuilt tables took {} afterwards, so about twice that per rebuild",
         fingerprint_secs
             .iter()
             .map(|(p, s)| format!("{s:.2} s for `{p}`"))

@@ -127,7 +127,10 @@ pub async fn run(conn: &Connection, command: ProjectionsCommand) -> anyhow::Resu
                         report.retired_schema
                     );
                     for (table, sum) in &report.tables {
-                        println!("  {table:<20} {:>10} rows  md5 {}", sum.rows, sum.md5);
+                        println!(
+                            "  {table:<20} {:>10} rows  checksum {}",
+                            sum.rows, sum.checksum
+                        );
                     }
                     Ok(ExitCode::SUCCESS)
                 }

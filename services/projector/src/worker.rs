@@ -265,7 +265,10 @@ async fn apply_frames(
     let mut outcome = Outcome::default();
     let mut dead = Vec::new();
     let mut advanced: BTreeMap<u16, (u64, Timestamp)> = BTreeMap::new();
-    let mut per_frame: Vec<(usize, Changes, usize)> = Vec::new();
+    // The batch's changes, and each applied frame's index and event count. A frame's changes are folded on
+    // their own first (a frame that fails to fold is dead-lettered whole) and then moved into the batch's.
+    let mut all = Changes::default();
+    let mut per_frame: Vec<(usize, usize)> = Vec::new();
     for (i, frame) in frames.iter().enumerate() {
         let partition = plan.partition_of(&frame.subject);
         let entry = advanced.entry(partition).or_insert((0, frame.stored_at));
@@ -278,7 +281,10 @@ async fn apply_frames(
         }
         outcome.frames += 1;
         match frame_changes(plan, frame, &ctx.codec) {
-            Ok((changes, events)) => per_frame.push((i, changes, events)),
+            Ok((changes, events)) => {
+                all.merge(changes);
+                per_frame.push((i, events));
+            }
             Err((kind, reason)) => dead.push(DeadLetter {
                 frame,
                 kind,
@@ -287,13 +293,9 @@ async fn apply_frames(
         }
     }
 
-    let mut all = Changes::default();
-    for (_, changes, _) in &per_frame {
-        all.merge(changes.clone());
-    }
     let tx = match write_changes(&tx, &all).await {
         Ok(()) => {
-            outcome.events = per_frame.iter().map(|f| f.2).sum();
+            outcome.events = per_frame.iter().map(|f| f.1).sum();
             tx
         }
         Err(e) if is_permanent(&e) => {
@@ -304,9 +306,21 @@ async fn apply_frames(
             let mut tx = client.transaction().await?;
             lock_checkpoints(&tx, plan).await?;
             outcome.events = 0;
-            for (i, changes, events) in &per_frame {
+            for &(i, events) in &per_frame {
+                // Decoded again: keeping every frame's changes for this rare path cost a copy of each.
+                let changes = match frame_changes(plan, &frames[i], &ctx.codec) {
+                    Ok((changes, _)) => changes,
+                    Err((kind, reason)) => {
+                        dead.push(DeadLetter {
+                            frame: &frames[i],
+                            kind,
+                            reason,
+                        });
+                        continue;
+                    }
+                };
                 let sp = tx.savepoint("frame").await?;
-                match write_changes(&sp, changes).await {
+                match write_changes(&sp, &changes).await {
                     Ok(()) => {
                         sp.commit().await?;
                         outcome.events += events;
@@ -314,7 +328,7 @@ async fn apply_frames(
                     Err(e) if is_permanent(&e) => {
                         sp.rollback().await?;
                         dead.push(DeadLetter {
-                            frame: &frames[*i],
+                            frame: &frames[i],
                             kind: "rejected_by_database",
                             reason: format!("{e}"),
                         });
