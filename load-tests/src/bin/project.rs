@@ -93,6 +93,10 @@ struct Common {
     /// The projector's fetch wait, in milliseconds.
     #[arg(long, default_value_t = 20)]
     fetch_wait_ms: u64,
+    /// The publisher's linger in milliseconds (default: `bus::Publisher`'s). One publisher carries every
+    /// origin's events here, over about 190 subjects, so its frames close on linger, not on count.
+    #[arg(long)]
+    linger_ms: Option<u64>,
     /// The dashboard counters' update triggers: as the migrations leave them (`migrations`), or replaced after
     /// migrating by 0009's versions that join the transition tables (`join`: reproduces the quadratic
     /// batches that 0010 removed) or by the join-free versions of 0010 (`join-free`). For `rebuild` the
@@ -628,13 +632,38 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-async fn publish_all(js: &jetstream::Context, records: &[EventRecord]) -> anyhow::Result<()> {
-    let publisher = Publisher::new(js.clone(), PublisherConfig::default())?;
+/// Publishes `records` with the publisher's defaults (but `linger_ms`) and returns the frames stored.
+async fn publish_all(
+    js: &jetstream::Context,
+    records: &[EventRecord],
+    linger_ms: Option<u64>,
+) -> anyhow::Result<u64> {
+    let mut config = PublisherConfig::default();
+    if let Some(ms) = linger_ms {
+        config.linger = Duration::from_millis(ms);
+    }
+    let before = stored_messages(js).await?;
+    let publisher = Publisher::new(js.clone(), config)?;
     for r in records {
         drop(publisher.publish(r).await?);
     }
     publisher.flush().await?;
-    Ok(())
+    Ok(stored_messages(js).await? - before)
+}
+
+/// Messages stored over every event stream.
+async fn stored_messages(js: &jetstream::Context) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for stream in Stream::EVENT_STREAMS {
+        total += js
+            .get_stream(stream.name())
+            .await?
+            .info()
+            .await?
+            .state
+            .messages;
+    }
+    Ok(total)
 }
 
 /// (projection, stream, partition) as in `projection_checkpoints`.
@@ -1033,7 +1062,7 @@ async fn e2e_benchmark(args: E2eArgs) -> anyhow::Result<()> {
     // The preparation server: the events stored once, for `drain`, and read back for apply/store/raw.
     let prep = start_nats().await?;
     let t = Instant::now();
-    publish_all(&prep.bus.jetstream, &records).await?;
+    publish_all(&prep.bus.jetstream, &records, common.linger_ms).await?;
     let prep_publish = t.elapsed().as_secs_f64();
     let prep_heads = heads(&prep.bus.jetstream, &Projection::ALL, Partitions::DEFAULT).await?;
     let mut frames: BTreeMap<Stream, Vec<ReceivedFrame>> = BTreeMap::new();
@@ -1329,11 +1358,12 @@ async fn run_projector(
     let heads = match known_heads {
         Some(h) => h.clone(),
         None => {
-            publish_all(&nats.bus.jetstream, records).await?;
+            let frames = publish_all(&nats.bus.jetstream, records, common.linger_ms).await?;
             let published = t0.elapsed().as_secs_f64();
             note = format!(
-                "published in {published:.2} s ({} events/s)",
-                thousands(records.len() as f64 / published)
+                "published in {published:.2} s ({} events/s) as {frames} frames ({:.1} events/frame)",
+                thousands(records.len() as f64 / published),
+                records.len() as f64 / frames.max(1) as f64
             );
             heads(&nats.bus.jetstream, &Projection::ALL, Partitions::DEFAULT).await?
         }
@@ -1950,7 +1980,7 @@ async fn rebuild_benchmark(args: RebuildArgs) -> anyhow::Result<()> {
     let schema_line = describe_schema(&client, common).await;
     let pg_settings = postgres_version(&client).await;
     let t = Instant::now();
-    publish_all(&nats.bus.jetstream, &records).await?;
+    publish_all(&nats.bus.jetstream, &records, common.linger_ms).await?;
     let published = t.elapsed().as_secs_f64();
     drop(records);
     let config = projector_config(&nats.server.url(), db.url(), args.workers, common);

@@ -1,9 +1,11 @@
 //! NATS permissions per role, against a real nats-server running the config that `cocoon auth init` writes:
-//! a task goes through the pool with every party on its own credentials (producer, allocator, worker), and
-//! what a role must not do is refused by the server (nothing of it reaches a stream or a reader).
+//! a task goes through the pool with every party on its own credentials (producer, allocator, worker,
+//! projector, settler; and in a second test the attestor and the API), and what a role must not do is refused
+//! by the server (nothing of it reaches a stream or a reader).
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use async_nats::jetstream;
 use bus::auth::Role;
@@ -400,6 +402,234 @@ async fn every_role_works_on_its_own_credentials_and_nothing_more() {
     stop.cancel();
     let _ = tokio::time::timeout(DEADLINE, agent).await;
     let _ = tokio::time::timeout(DEADLINE, allocator).await;
+}
+
+/// Intel's sample TDX quote and its collateral, as the attestor's own tests use them.
+fn attestor_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../attestor/tests/fixtures")
+}
+
+/// 2025-07-01T00:00:00Z: inside the sample quote's collateral window (it expired in 2025).
+const SAMPLE_QUOTE_TIME: u64 = 1_751_328_000;
+/// Offset of REPORTDATA in a v4 TDX quote: the 48-byte header, then the last 64 bytes of the 584-byte report.
+const REPORT_DATA_OFFSET: usize = 48 + 584 - 64;
+
+/// The attestor and the API on their own credentials, with an allocator that places tasks only on attested
+/// workers: the attestor reads w1's quote from ATTESTATIONS and its key from WORKERS and publishes its verdict;
+/// a task submitted over HTTP (the API publishes it as client c1) runs on w1; the API serves the task back from
+/// the read model and its result as Server-Sent Events (reading RESULTS). The sample quote binds no key of
+/// ours, so its report data is the attestor's named development exception, as in the attestor's tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attestor_and_the_api_work_on_their_own_credentials() {
+    let secured = Secured::start().await;
+    let (operator, _) = secured.connect(&Role::Operator).await;
+    bus::provision_streams(&operator.jetstream, 1)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+
+    let fixtures = attestor_fixtures();
+    let quote = std::fs::read(fixtures.join("tdx_quote")).unwrap();
+    let verifier = attestor::Verifier::from_source(
+        attestor::Policy::load(&fixtures.join("policy.json")).unwrap(),
+        &attestor::CollateralSource::Files(fixtures.join("collateral")),
+    )
+    .unwrap();
+    let (attestor_bus, attestor_errors) = secured.connect(&Role::Attestor).await;
+    let attestor_run = tokio::spawn(attestor::run(
+        attestor_bus,
+        Arc::new(verifier),
+        attestor::AttestorConfig {
+            verify_at: Some(UNIX_EPOCH + Duration::from_secs(SAMPLE_QUOTE_TIME)),
+            dev_accept_report_data: vec![
+                quote[REPORT_DATA_OFFSET..REPORT_DATA_OFFSET + 64]
+                    .try_into()
+                    .unwrap(),
+            ],
+            registration_wait: Duration::from_millis(500),
+            fetch_wait: Duration::from_millis(100),
+            ..Default::default()
+        },
+        stop.clone(),
+    ));
+    let (allocator_bus, allocator_errors) = secured.connect(&Role::Allocator).await;
+    let allocator_config = allocator::AllocatorConfig {
+        instance: "allocator-auth-attested".into(),
+        ..Default::default()
+    };
+    assert!(!allocator_config.pool.allow_unattested);
+    let allocator = tokio::spawn(allocator::run(
+        allocator_bus,
+        allocator_config,
+        stop.clone(),
+    ));
+    let dir = TempDir::new("cocoon-auth-attested");
+    let quote_file = dir.path().join("w1.quote");
+    std::fs::write(&quote_file, &quote).unwrap();
+    let (w1_bus, w1_errors) = secured.connect(&Role::Worker(worker("w1"))).await;
+    let w1_publisher =
+        Publisher::new(w1_bus.jetstream.clone(), PublisherConfig::default()).unwrap();
+    let mut agent_config = node_agent::AgentConfig::new(worker("w1"));
+    agent_config.price_per_gpu_second = Nanoton(1_000);
+    agent_config.heartbeat_interval = Duration::from_millis(250);
+    agent_config.fetch_wait = Duration::from_millis(100);
+    agent_config.attestation = Some(node_agent::attest::QuoteSource::File(quote_file));
+    let agent = tokio::spawn(node_agent::run(
+        agent_config,
+        w1_bus,
+        w1_publisher,
+        node_agent::GpuSource::simulated(&worker("w1"), 1),
+        Arc::new(node_agent::SimulatedExecutor::new(Duration::from_millis(
+            10,
+        ))),
+        stop.clone(),
+    ));
+
+    // The projector and the API connect by themselves, as their binaries do, each on its own credentials.
+    let db = tests::TestDb::create().await;
+    let mut projector_config = projector::ProjectorConfig::new(secured.server.url(), db.url());
+    projector_config.nats_credentials = Some(secured.credentials(&Role::Projector));
+    projector_config.fetch_wait = Duration::from_millis(100);
+    let projector_run = tokio::spawn(projector::run(projector_config, stop.clone(), false));
+    let mut api_config = api::ApiConfig::new(secured.server.url(), db.url());
+    api_config.nats_credentials = Some(secured.credentials(&Role::Api));
+    api_config.pg_pool_size = 4;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let api_run = tokio::spawn(api::serve(api_config, listener, stop.clone()));
+    let http = httpc::HttpClient::new(&httpc::ClientConfig::new(), false).unwrap();
+    let url = |path: &str| format!("http://{addr}{path}");
+
+    // The verdict, published by the attestor as itself (on its own origin's subjects).
+    let attestor_subjects = format!(
+        "{}.*.{}",
+        Stream::Attestations.prefix(),
+        events::Origin::Attestor(&worker("w1"))
+    );
+    let deadline = Instant::now() + DEADLINE;
+    let verdict = loop {
+        let verdicts = bus::read_events(
+            &operator.jetstream,
+            Stream::Attestations,
+            vec![attestor_subjects.clone()],
+        )
+        .await
+        .unwrap();
+        if let Some((_, v)) = verdicts.into_iter().next() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no verdict for w1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        matches!(&verdict.event, events::Event::AttestationVerified(v) if v.worker_id == worker("w1")),
+        "{verdict:?}"
+    );
+
+    // A task over HTTP, placed on the attested worker, read back through the API.
+    let tasks_url = url("/api/v1/tasks");
+    let submitted = eventually_ok(|| {
+        http.post(
+            &tasks_url,
+            &[],
+            "application/json",
+            br#"{"client_id": "c1", "max_price_per_gpu_second": 5000, "input": "over the api"}"#,
+        )
+    })
+    .await;
+    assert_eq!(
+        submitted.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&submitted.body)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&submitted.body).unwrap();
+    let task_id = body["task_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    let task = loop {
+        let r = http
+            .get(&url(&format!("/api/v1/tasks/{task_id}")), &[])
+            .await
+            .unwrap();
+        if r.status == 200 {
+            let task: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            if task["status"] == "completed" {
+                break task;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {task_id} not completed: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(task["worker_id"], "w1", "{task}");
+    let stream = sse_until(addr, "/api/v1/clients/c1/results", &task_id).await;
+    assert!(stream.contains("event: result"), "{stream}");
+
+    // Those whose connections we hold drew no violation doing their own work.
+    for (who, errors) in [
+        ("attestor", &attestor_errors),
+        ("allocator", &allocator_errors),
+        ("w1", &w1_errors),
+    ] {
+        let seen = errors.0.lock().unwrap().clone();
+        assert!(seen.is_empty(), "{who}: {seen:?}");
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(DEADLINE, agent).await;
+    let _ = tokio::time::timeout(DEADLINE, allocator).await;
+    let _ = tokio::time::timeout(DEADLINE, attestor_run).await;
+    let _ = tokio::time::timeout(DEADLINE, projector_run).await;
+    let _ = tokio::time::timeout(DEADLINE, api_run).await;
+}
+
+/// Retries `request` until it is answered (the server may still be binding its connections).
+async fn eventually_ok<F, Fut>(request: F) -> httpc::HttpResponse
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<httpc::HttpResponse, httpc::HttpError>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match request().await {
+            Ok(r) if r.status != 503 => return r,
+            other => assert!(Instant::now() < deadline, "no answer: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Opens a Server-Sent Events stream and reads it until it mentions `needle`; returns what was read.
+async fn sse_until(addr: std::net::SocketAddr, path: &str, needle: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "the stream ended: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains(needle) {
+                return;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert!(read.is_ok(), "{needle} not streamed in time: {text}");
+    text
 }
 
 #[tokio::test]
