@@ -93,6 +93,10 @@ struct Common {
     /// The projector's fetch wait, in milliseconds.
     #[arg(long, default_value_t = 20)]
     fetch_wait_ms: u64,
+    /// How long the projector's batch that is not full waits for more frames, in milliseconds (default: the
+    /// projector's).
+    #[arg(long)]
+    gather_ms: Option<u64>,
     /// The publisher's linger in milliseconds (default: `bus::Publisher`'s). One publisher carries every
     /// origin's events here, over about 190 subjects, so its frames close on linger, not on count.
     #[arg(long)]
@@ -632,6 +636,22 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// The projector's gather in milliseconds, as the benchmark runs it.
+fn gather_ms(common: &Common) -> u128 {
+    common.gather_ms.map_or_else(
+        || ProjectorConfig::new("", "").gather.as_millis(),
+        u128::from,
+    )
+}
+
+/// ", linger N ms" when the benchmark's publisher does not linger as `bus::Publisher` does by default.
+fn linger_note(common: &Common) -> String {
+    common
+        .linger_ms
+        .map(|ms| format!(", but linger {ms} ms"))
+        .unwrap_or_default()
+}
+
 /// Publishes `records` with the publisher's defaults (but `linger_ms`) and returns the frames stored.
 async fn publish_all(
     js: &jetstream::Context,
@@ -748,6 +768,9 @@ fn projector_config(nats_url: &str, db_url: &str, workers: usize, c: &Common) ->
     config.workers = workers;
     config.batch_frames = c.batch_frames;
     config.fetch_wait = Duration::from_millis(c.fetch_wait_ms);
+    if let Some(ms) = c.gather_ms {
+        config.gather = Duration::from_millis(ms);
+    }
     config.durable_prefix = format!("bench{workers}");
     config
 }
@@ -1187,13 +1210,18 @@ async fn e2e_benchmark(args: E2eArgs) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         r,
-        "- stored as {frame_count} frames ({:.1} events/frame; `bus::Publisher` defaults, published in {prep_publish:.2} s untimed for the preparation server)",
-        truth.events as f64 / frame_count.max(1) as f64
+        "- stored as {frame_count} frames ({:.1} events/frame; `bus::Publisher` defaults{}, published in {prep_publish:.2} s untimed for the preparation server)",
+        truth.events as f64 / frame_count.max(1) as f64,
+        linger_note(common)
     );
     let _ = writeln!(
         r,
-        "- projector: batch_frames {}, fetch_wait {} ms, pool = consumers + 2; raw: {} events a batch; {} run(s) per scenario, median shown",
-        common.batch_frames, common.fetch_wait_ms, args.raw_batch, args.runs
+        "- projector: batch_frames {}, fetch_wait {} ms, gather {} ms, pool = consumers + 2; raw: {} events a batch; {} run(s) per scenario, median shown",
+        common.batch_frames,
+        common.fetch_wait_ms,
+        gather_ms(common),
+        args.raw_batch,
+        args.runs
     );
     let _ = writeln!(r, "- {schema_line}\n");
     let _ = writeln!(
@@ -1424,6 +1452,7 @@ async fn run_apply(
         codec: CodecConfig::default(),
         batch_frames: common.batch_frames,
         fetch_wait: Duration::from_millis(common.fetch_wait_ms),
+        gather: Duration::ZERO,
         durable_prefix: "apply".into(),
     };
     let mut work = Vec::new();
@@ -2064,10 +2093,12 @@ async fn rebuild_benchmark(args: RebuildArgs) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         r,
-        "- published in {published:.2} s; the live projector ({} partition workers, batch_frames {}, fetch_wait {} ms) caught up from zero in {live:.2} s ({} events/s, until idle); rows verified before and after the rebuilds\n",
+        "- published in {published:.2} s{}; the live projector ({} partition workers, batch_frames {}, fetch_wait {} ms, gather {} ms) caught up from zero in {live:.2} s ({} events/s, until idle); rows verified before and after the rebuilds\n",
+        linger_note(common),
         args.workers,
         common.batch_frames,
         common.fetch_wait_ms,
+        gather_ms(common),
         thousands(truth.events as f64 / live)
     );
     let _ = writeln!(

@@ -285,6 +285,18 @@ impl FrameConsumer {
         max_frames: usize,
         max_wait: Duration,
     ) -> Result<FetchedBatch, ConsumeError> {
+        self.fetch_gathering(max_frames, max_wait, Duration::ZERO)
+            .await
+    }
+
+    /// As [`FrameConsumer::fetch`], but a batch that has frames and is not full waits up to `gather` for more
+    /// (up to `max_frames`): fewer, larger batches while frames keep arriving, at up to `gather` more latency.
+    pub async fn fetch_gathering(
+        &self,
+        max_frames: usize,
+        max_wait: Duration,
+        gather: Duration,
+    ) -> Result<FetchedBatch, ConsumeError> {
         let mut batch = FetchedBatch {
             frames: Vec::with_capacity(max_frames),
             last: None,
@@ -296,6 +308,11 @@ impl FrameConsumer {
             if !batch.frames.is_empty() && max_frames > 1 {
                 self.pull(&mut batch, max_frames - 1, None).await?;
             }
+        }
+        let have = batch.frames.len();
+        if have > 0 && have < max_frames && !gather.is_zero() {
+            self.pull(&mut batch, max_frames - have, Some(gather))
+                .await?;
         }
         Ok(batch)
     }

@@ -428,6 +428,49 @@ async fn consumer_hands_frames_in_order_and_acks_the_batch() {
     );
 }
 
+/// A batch that has frames but is not full waits for frames that arrive within the gather time, and returns
+/// when it is full, not at the end of that time.
+#[tokio::test]
+async fn a_gathering_fetch_waits_for_more_frames() {
+    let server = NatsServer::start().await;
+    let bus = bus(&server).await;
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    let config = PublisherConfig {
+        max_events: 1,
+        ..Default::default()
+    };
+    let publisher = Publisher::new(bus.jetstream.clone(), config).unwrap();
+    let records = same_subject_records(5);
+    for r in &records[..3] {
+        drop(publisher.publish(r).await.unwrap());
+    }
+    publisher.flush().await.unwrap();
+    let consumer = FrameConsumer::bind(&bus.jetstream, &ConsumerSpec::new(Stream::Tasks, "gather"))
+        .await
+        .unwrap();
+    let later = records[3..].to_vec();
+    let late_publisher = publisher.clone();
+    let publishing = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for r in &later {
+            drop(late_publisher.publish(r).await.unwrap());
+        }
+        late_publisher.flush().await.unwrap();
+    });
+    let gather = Duration::from_secs(60);
+    let batch = tokio::time::timeout(
+        DEADLINE,
+        consumer.fetch_gathering(5, Duration::from_secs(1), gather),
+    )
+    .await
+    .expect("a full batch returns before the gather time ends")
+    .unwrap();
+    publishing.await.unwrap();
+    let sequences: Vec<u64> = batch.frames.iter().map(|f| f.stream_sequence).collect();
+    assert_eq!(sequences, vec![1, 2, 3, 4, 5]);
+    batch.ack().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_unacked_batch_is_delivered_again() {
     let server = NatsServer::start().await;

@@ -46,6 +46,10 @@ struct Args {
         default_value = "127.0.0.1:9464"
     )]
     metrics_addr: String,
+    /// Milliseconds a batch that has frames but is not full waits for more: fewer, larger transactions
+    /// while events keep coming, at up to this much more projection latency; 0 takes what is there.
+    #[arg(long, default_value_t = 10)]
+    gather_ms: u64,
     /// Stop once every stream is drained (catch-up mode), instead of following the log.
     #[arg(long)]
     until_idle: bool,
@@ -79,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = projector::ProjectorConfig::new(args.nats_url, args.database_url);
     config.nats_credentials = bus::Credentials::load_optional(args.nats_credentials.as_deref())?;
     config.workers = args.workers;
+    config.gather = Duration::from_millis(args.gather_ms);
     config.instance = instance;
     if !args.projections.is_empty() {
         config.projections = args

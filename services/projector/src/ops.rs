@@ -331,6 +331,7 @@ async fn context(config: &ProjectorConfig, pool_size: usize) -> anyhow::Result<C
         codec: config.codec,
         batch_frames: config.batch_frames,
         fetch_wait: config.fetch_wait,
+        gather: config.gather,
         durable_prefix: config.durable_prefix.clone(),
     })
 }
@@ -509,6 +510,7 @@ pub async fn rebuild(
         codec: config.codec,
         batch_frames: config.batch_frames,
         fetch_wait: config.fetch_wait,
+        gather: config.gather,
         durable_prefix: prefix.clone(),
     };
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -26,6 +26,8 @@ pub struct Ctx {
     pub codec: CodecConfig,
     pub batch_frames: usize,
     pub fetch_wait: Duration,
+    /// How long a batch that is not full waits for more frames.
+    pub gather: Duration,
     pub durable_prefix: String,
 }
 
@@ -80,8 +82,8 @@ pub async fn run_consumer(
         }
         // A pull the server never answers (in a cluster, the durable's leader was lost) counts as a failure.
         let fetch = tokio::time::timeout(
-            ctx.fetch_wait + FETCH_TIMEOUT,
-            consumer.fetch(ctx.batch_frames, ctx.fetch_wait),
+            ctx.fetch_wait + ctx.gather + FETCH_TIMEOUT,
+            consumer.fetch_gathering(ctx.batch_frames, ctx.fetch_wait, ctx.gather),
         );
         let batch = tokio::select! {
             batch = fetch => batch.unwrap_or_else(|_| Err(bus::ConsumeError::Fetch {

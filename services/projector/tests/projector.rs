@@ -447,6 +447,7 @@ async fn shuffled_interleavings_of_streams_converge() {
             codec: Default::default(),
             batch_frames: 10,
             fetch_wait: Duration::from_millis(100),
+            gather: Duration::ZERO,
             durable_prefix: "unused".into(),
         };
         for (plan, _) in &per_stream {
