@@ -11,6 +11,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use bus::RangeReader;
 use events::{Stream, Timestamp};
 use futures_util::StreamExt;
+use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::projection::{ConsumerPlan, Projection, plan};
@@ -364,6 +365,39 @@ pub enum RebuildError {
     Other(#[from] anyhow::Error),
 }
 
+/// Drops the indexes of `tables` in `schema` that no upsert needs (neither primary keys nor unique
+/// indexes nor constraint indexes) and returns the statements that create them again.
+async fn drop_secondary_indexes(
+    client: &impl GenericClient,
+    schema: &str,
+    tables: &[&str],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+    let rows = client
+        .query(
+            "SELECT ic.relname::text, pg_get_indexdef(i.indexrelid)
+             FROM pg_index i
+             JOIN pg_class ic ON ic.oid = i.indexrelid
+             JOIN pg_class t ON t.oid = i.indrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname = $1 AND t.relname = ANY($2)
+               AND NOT i.indisprimary AND NOT i.indisunique
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+             ORDER BY 1",
+            &[&schema, &tables],
+        )
+        .await?;
+    let mut definitions = Vec::with_capacity(rows.len());
+    for row in rows {
+        let name: String = row.get(0);
+        client
+            .batch_execute(&format!("DROP INDEX \"{schema}\".\"{name}\""))
+            .await?;
+        definitions.push(row.get(1));
+    }
+    Ok(definitions)
+}
+
 /// Views that read a projection's tables, moved along with them on a swap.
 fn dependent_views(projection: Projection) -> &'static [&'static str] {
     match projection {
@@ -479,7 +513,23 @@ pub async fn rebuild(
     shadow_config.schema = shadow.clone();
     shadow_config.projections = vec![projection];
     shadow_config.durable_prefix = prefix.clone();
-    shadow_config.migrate = true;
+    // Migrated here, so that the secondary indexes can be dropped before the build: each is created again
+    // in one sorted pass once the log is read, instead of being maintained row by row.
+    shadow_config.migrate = false;
+    let shadow_pool = pool(&config.database_url, &shadow, 4)?;
+    let deferred = {
+        let mut client = shadow_pool.get().await.map_err(anyhow::Error::from)?;
+        client
+            .batch_execute(&format!("CREATE SCHEMA {shadow}"))
+            .await
+            .map_err(anyhow::Error::from)?;
+        schemas::migrate(&mut client)
+            .await
+            .map_err(anyhow::Error::from)?;
+        drop_secondary_indexes(&**client, &shadow, projection.tables())
+            .await
+            .map_err(anyhow::Error::from)?
+    };
     let heads = stream_heads(config, projection).await?;
     let total: u64 = heads.values().sum();
     let run = tokio::spawn(crate::run(
@@ -489,7 +539,6 @@ pub async fn rebuild(
     ));
     let meter = Meter::new("rebuild");
     let live_pool = pool(&config.database_url, &live_schema, 4)?;
-    let shadow_pool = pool(&config.database_url, &shadow, 4)?;
     while !run.is_finished() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Ok(client) = shadow_pool.get().await
@@ -499,6 +548,15 @@ pub async fn rebuild(
         }
     }
     run.await.map_err(anyhow::Error::from)??;
+    {
+        let client = shadow_pool.get().await.map_err(anyhow::Error::from)?;
+        for definition in &deferred {
+            client
+                .batch_execute(definition)
+                .await
+                .map_err(anyhow::Error::from)?;
+        }
+    }
 
     // 3: lock the live checkpoints (pausing the live projector), bring the shadow exactly to them, verify.
     let shadow_ctx = Ctx {

@@ -611,6 +611,11 @@ async fn a_rebuild_verifies_and_swaps_while_the_live_projection_serves_reads() {
         false,
     ));
     wait_for_tasks(&env, "public", 40).await;
+    let indexes_before = index_definitions(&env, "public").await;
+    assert!(
+        indexes_before.iter().any(|d| d.contains("tasks_queue_idx")),
+        "{indexes_before:?}"
+    );
 
     // Readers keep querying the live tables for the whole rebuild.
     let reading = CancellationToken::new();
@@ -693,6 +698,32 @@ async fn a_rebuild_verifies_and_swaps_while_the_live_projection_serves_reads() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(schemas, vec!["public".to_string()]);
+    // The swapped-in tables have every index the old ones had (the build drops the secondary indexes and
+    // creates them again before the swap).
+    assert_eq!(index_definitions(&env, "public").await, indexes_before);
+}
+
+/// Every index of the tasks projection's tables in `schema`, as `pg_get_indexdef` writes it, sorted.
+async fn index_definitions(env: &Env, schema: &str) -> Vec<String> {
+    let tables: Vec<String> = Projection::Tasks
+        .tables()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    env.db
+        .client()
+        .await
+        .query(
+            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
+             JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname = $1 AND t.relname = ANY($2) ORDER BY 1",
+            &[&schema, &tables],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 #[tokio::test]
