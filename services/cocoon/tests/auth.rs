@@ -104,6 +104,14 @@ impl Errors {
     }
 }
 
+/// Fails if the server reported anything to these parties' connections.
+fn assert_no_violations(parties: &[(&str, &Errors)]) {
+    for (who, errors) in parties {
+        let seen = errors.0.lock().unwrap().clone();
+        assert!(seen.is_empty(), "{who}: {seen:?}");
+    }
+}
+
 async fn messages(js: &jetstream::Context, stream: Stream) -> u64 {
     js.get_stream(stream.name())
         .await
@@ -391,14 +399,11 @@ async fn every_role_works_on_its_own_credentials_and_nothing_more() {
     let _ = tokio::time::timeout(DEADLINE, settler_run).await;
 
     // The parties that did their own work drew no violation.
-    for (who, errors) in [
+    assert_no_violations(&[
         ("allocator", &allocator_errors),
         ("w1", &w1_errors),
         ("settler", &settler_errors),
-    ] {
-        let seen = errors.0.lock().unwrap().clone();
-        assert!(seen.is_empty(), "{who}: {seen:?}");
-    }
+    ]);
     stop.cancel();
     let _ = tokio::time::timeout(DEADLINE, agent).await;
     let _ = tokio::time::timeout(DEADLINE, allocator).await;
@@ -570,14 +575,11 @@ async fn the_attestor_and_the_api_work_on_their_own_credentials() {
     assert!(stream.contains("event: result"), "{stream}");
 
     // Those whose connections we hold drew no violation doing their own work.
-    for (who, errors) in [
+    assert_no_violations(&[
         ("attestor", &attestor_errors),
         ("allocator", &allocator_errors),
         ("w1", &w1_errors),
-    ] {
-        let seen = errors.0.lock().unwrap().clone();
-        assert!(seen.is_empty(), "{who}: {seen:?}");
-    }
+    ]);
     stop.cancel();
     let _ = tokio::time::timeout(DEADLINE, agent).await;
     let _ = tokio::time::timeout(DEADLINE, allocator).await;
