@@ -222,7 +222,7 @@ async fn publish_benchmark(args: PublishArgs) -> anyhow::Result<()> {
     let js = bus.jetstream.clone();
 
     // Pre-generate (untimed). The same records serve every run; each run has a fresh stream, so the
-    // duplicate window (keyed on the first event id of a frame) starts empty.
+    // duplicate window (keyed on a frame's event ids, `bus::FrameKey`) starts empty.
     let gen_started = Instant::now();
     let (size_arg, uncalibrated) = calibrate_size(args.event_size)?;
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;

@@ -3,9 +3,11 @@
 //! - consumes: nothing by itself; [`FrameConsumer`] hands frames to its caller;
 //! - produces: frames of events, through the batching [`Publisher`];
 //! - owns: stream and consumer provisioning ([`provision`]);
-//! - guarantees: every published frame carries a `Nats-Msg-Id` derived from the ids of all its events
-//!   ([`FrameKey`]), so a repeated publish is dropped by the server and a re-batched one is not; every failed publish reaches the caller, through the event's [`Receipt`] and the
-//!   next [`Publisher::flush`]; a consumer acks only when its caller says the work is committed.
+//! - guarantees: every published frame carries a `Nats-Msg-Id` derived from all its event ids
+//!   ([`FrameKey`]): the server drops a repeated frame, and stores a re-batched one (whose retried
+//!   events may then be stored twice); every failed publish reaches the caller, through the event's
+//!   [`Receipt`] and the next [`Publisher::flush`]; a consumer acks only when its caller says the work is
+//!   committed.
 //!
 //! Services never build subjects or stream configs themselves: subjects come from `events::subjects`, stream
 //! settings from [`provision::stream_config`].

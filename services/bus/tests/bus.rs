@@ -318,6 +318,43 @@ async fn a_repeated_frame_is_stored_once() {
     assert_eq!(stored_frames(&bus.jetstream, Stream::Tasks).await.len(), 1);
 }
 
+/// An event too large for a frame is refused with a typed error, and the frame it would have opened is not
+/// sent empty: the next event on the subject opens a frame of its own.
+#[tokio::test]
+async fn an_event_too_large_for_a_frame_is_refused_and_sends_nothing() {
+    let server = NatsServer::start().await;
+    let bus = bus(&server).await;
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    let config = PublisherConfig {
+        linger: NEVER,
+        codec: events::CodecConfig {
+            max_decoded_bytes: 1_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let publisher = Publisher::new(bus.jetstream.clone(), config).unwrap();
+    let refused = publisher.publish(&task_submitted_of_size(2_000)).await;
+    assert!(
+        matches!(refused, Err(PublishError::Encode(_))),
+        "{refused:?}"
+    );
+    publisher.flush().await.unwrap();
+    assert_eq!(publisher.pending(), 0);
+    assert!(
+        stored_frames(&bus.jetstream, Stream::Tasks)
+            .await
+            .is_empty()
+    );
+    let fits = publisher
+        .publish(&task_submitted_of_size(350))
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+    assert_eq!(fits.await.unwrap().sequence, 1);
+    assert_eq!(stored_frames(&bus.jetstream, Stream::Tasks).await.len(), 1);
+}
+
 /// A caller that retries an event after a timeout may see it batched with events never sent before. The
 /// server must store that frame (the retried event twice in the log, which the read models absorb), not
 /// drop it as a duplicate of the stored frame that began with the same event, losing the new ones.

@@ -451,7 +451,8 @@ async fn the_attestor_and_the_api_work_on_their_own_credentials() {
                     .try_into()
                     .unwrap(),
             ],
-            registration_wait: Duration::from_millis(500),
+            // Waited for only while w1's registration has not been read: generous on a busy machine.
+            registration_wait: Duration::from_secs(5),
             fetch_wait: Duration::from_millis(100),
             ..Default::default()
         },

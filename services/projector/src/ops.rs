@@ -375,7 +375,7 @@ async fn drop_secondary_indexes(
     let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
     let rows = client
         .query(
-            "SELECT ic.relname::text, pg_get_indexdef(i.indexrelid)
+            "SELECT format('DROP INDEX %I.%I', n.nspname, ic.relname), pg_get_indexdef(i.indexrelid)
              FROM pg_index i
              JOIN pg_class ic ON ic.oid = i.indexrelid
              JOIN pg_class t ON t.oid = i.indrelid
@@ -389,10 +389,7 @@ async fn drop_secondary_indexes(
         .await?;
     let mut definitions = Vec::with_capacity(rows.len());
     for row in rows {
-        let name: String = row.get(0);
-        client
-            .batch_execute(&format!("DROP INDEX \"{schema}\".\"{name}\""))
-            .await?;
+        client.batch_execute(row.get(0)).await?;
         definitions.push(row.get(1));
     }
     Ok(definitions)
@@ -516,6 +513,8 @@ pub async fn rebuild(
     // Migrated here, so that the secondary indexes can be dropped before the build: each is created again
     // in one sorted pass once the log is read, instead of being maintained row by row.
     shadow_config.migrate = false;
+    // Read before the shadow schema exists, so that a NATS failure leaves nothing behind.
+    let heads = stream_heads(config, projection).await?;
     let shadow_pool = pool(&config.database_url, &shadow, 4)?;
     let deferred = {
         let mut client = shadow_pool.get().await.map_err(anyhow::Error::from)?;
@@ -530,7 +529,6 @@ pub async fn rebuild(
             .await
             .map_err(anyhow::Error::from)?
     };
-    let heads = stream_heads(config, projection).await?;
     let total: u64 = heads.values().sum();
     let run = tokio::spawn(crate::run(
         shadow_config.clone(),
