@@ -220,6 +220,15 @@ async fn every_role_works_on_its_own_credentials_and_nothing_more() {
     )
     .to_string();
     publish_raw(&w2_bus, &w2_subject, &forged).await;
+    // A plain publish is not acknowledged: wait until the stream holds it (it is stored asynchronously).
+    let deadline = Instant::now() + DEADLINE;
+    while messages(&operator.jetstream, Stream::Workers).await < before + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the frame on w2's own subject was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let stored = bus::read_events(
         &operator.jetstream,
         Stream::Workers,
