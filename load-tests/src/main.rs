@@ -765,10 +765,10 @@ impl RawMessage {
         for (name, value) in frame.headers.pairs() {
             headers.insert(name, value.as_str());
         }
-        let mut key = bus::FrameKey::new(batch[0].envelope.event_id);
-        for record in &batch[1..] {
-            key.push(record.envelope.event_id);
-        }
+        let key = bus::FrameKey::of(
+            batch[0].envelope.event_id,
+            batch[1..].iter().map(|r| r.envelope.event_id),
+        );
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
             key.message_id().as_str(),

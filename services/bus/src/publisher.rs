@@ -169,6 +169,15 @@ impl FrameKey {
         key
     }
 
+    /// The key of a frame whose events have these ids, in order.
+    pub fn of(first: EventId, rest: impl IntoIterator<Item = EventId>) -> FrameKey {
+        let mut key = FrameKey::new(first);
+        for id in rest {
+            key.push(id);
+        }
+        key
+    }
+
     /// Adds the next event of the frame (the first is added by [`FrameKey::new`]).
     pub fn push(&mut self, event: EventId) {
         self.count += 1;
@@ -544,11 +553,11 @@ mod tests {
     use super::*;
 
     fn key(ids: &[u128]) -> String {
-        let mut key = FrameKey::new(EventId::from_u128(ids[0]));
-        for &id in &ids[1..] {
-            key.push(EventId::from_u128(id));
-        }
-        key.message_id()
+        FrameKey::of(
+            EventId::from_u128(ids[0]),
+            ids[1..].iter().map(|&id| EventId::from_u128(id)),
+        )
+        .message_id()
     }
 
     #[test]

@@ -52,6 +52,16 @@ impl Secured {
         Secured { server, dir }
     }
 
+    /// A started server with the streams provisioned, and the operator's connection.
+    async fn start_provisioned() -> (Secured, Bus) {
+        let secured = Secured::start().await;
+        let (operator, _) = secured.connect(&Role::Operator).await;
+        bus::provision_streams(&operator.jetstream, 1)
+            .await
+            .unwrap();
+        (secured, operator)
+    }
+
     fn credentials(&self, role: &Role) -> Credentials {
         Credentials::load(&cocoon::auth::credentials_path(self.dir.path(), role)).unwrap()
     }
@@ -153,11 +163,7 @@ fn heartbeat_of(w: &WorkerId) -> EventRecord {
 
 #[tokio::test]
 async fn every_role_works_on_its_own_credentials_and_nothing_more() {
-    let secured = Secured::start().await;
-    let (operator, _) = secured.connect(&Role::Operator).await;
-    bus::provision_streams(&operator.jetstream, 1)
-        .await
-        .unwrap();
+    let (secured, operator) = Secured::start_provisioned().await;
 
     // A task through the pool, every party on its own credentials: producer c1, the allocator, worker w1.
     let stop = CancellationToken::new();
@@ -435,11 +441,7 @@ const REPORT_DATA_OFFSET: usize = 48 + 584 - 64;
 /// ours, so its report data is the attestor's named development exception, as in the attestor's tests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_attestor_and_the_api_work_on_their_own_credentials() {
-    let secured = Secured::start().await;
-    let (operator, _) = secured.connect(&Role::Operator).await;
-    bus::provision_streams(&operator.jetstream, 1)
-        .await
-        .unwrap();
+    let (secured, operator) = Secured::start_provisioned().await;
     let stop = CancellationToken::new();
 
     let fixtures = attestor_fixtures();

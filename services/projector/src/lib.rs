@@ -121,6 +121,21 @@ pub fn pool(
         .context("building the pool")
 }
 
+/// Creates `schema` if it is not there and brings it to the newest migration; `client`'s search path must be
+/// `schema` (see [`pool`]).
+pub(crate) async fn migrate_schema(
+    client: &mut tokio_postgres::Client,
+    schema: &str,
+) -> anyhow::Result<()> {
+    if schema != "public" {
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .await?;
+    }
+    schemas::migrate(client).await?;
+    Ok(())
+}
+
 /// Runs the projector until `shutdown` (or, with `until_idle`, until every consumer has drained its stream).
 pub async fn run(
     config: ProjectorConfig,
@@ -144,12 +159,7 @@ pub async fn run(
     let pool = pool(&config.database_url, &config.schema, plans.len() + 2)?;
     if config.migrate {
         let mut client = pool.get().await.context("connecting to Postgres")?;
-        if config.schema != "public" {
-            client
-                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", config.schema))
-                .await?;
-        }
-        schemas::migrate(&mut client).await?;
+        migrate_schema(&mut client, &config.schema).await?;
     }
     // Streams are provisioned by the operator (`cocoon provision`), with the deployment's replica count;
     // a missing stream stops the projector with an error that says so.

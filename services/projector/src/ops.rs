@@ -518,13 +518,7 @@ pub async fn rebuild(
     let shadow_pool = pool(&config.database_url, &shadow, 4)?;
     let deferred = {
         let mut client = shadow_pool.get().await.map_err(anyhow::Error::from)?;
-        client
-            .batch_execute(&format!("CREATE SCHEMA {shadow}"))
-            .await
-            .map_err(anyhow::Error::from)?;
-        schemas::migrate(&mut client)
-            .await
-            .map_err(anyhow::Error::from)?;
+        crate::migrate_schema(&mut client, &shadow).await?;
         drop_secondary_indexes(&**client, &shadow, projection.tables())
             .await
             .map_err(anyhow::Error::from)?
