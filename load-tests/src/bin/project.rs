@@ -51,7 +51,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use events::subjects::Addressing;
 use events::{CodecConfig, Event, EventRecord, Partitions, Stream, Subject, Timestamp};
 use projector::fold::{Changes, Positioned};
-use projector::{ConsumerPlan, Projection, ProjectorConfig, plan};
+use projector::{ConsumerPlan, PartitionFilter, Projection, ProjectorConfig, plan};
 use tests::{NatsServer, TestDb};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
@@ -97,6 +97,11 @@ struct Common {
     /// projector's).
     #[arg(long)]
     gather_ms: Option<u64>,
+    /// Where the projector's workers pick their partitions out of a shared stream: `client` (whole-stream
+    /// consumers, other workers' frames skipped) or `server` (consumers filtered by partition subjects)
+    /// (default: the projector's).
+    #[arg(long, value_parser = parse_partition_filter)]
+    partition_filter: Option<PartitionFilter>,
     /// The publisher's linger in milliseconds (default: `bus::Publisher`'s). One publisher carries every
     /// origin's events here, over about 190 subjects, so its frames close on linger, not on count.
     #[arg(long)]
@@ -637,6 +642,14 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 }
 
 /// The projector's gather in milliseconds, as the benchmark runs it.
+fn parse_partition_filter(s: &str) -> Result<PartitionFilter, String> {
+    PartitionFilter::parse(s).ok_or_else(|| format!("{s:?}: use client or server"))
+}
+
+fn partition_filter(common: &Common) -> &'static str {
+    common.partition_filter.unwrap_or_default().name()
+}
+
 fn gather_ms(common: &Common) -> u128 {
     common.gather_ms.map_or_else(
         || ProjectorConfig::new("", "").gather.as_millis(),
@@ -770,6 +783,9 @@ fn projector_config(nats_url: &str, db_url: &str, workers: usize, c: &Common) ->
     config.fetch_wait = Duration::from_millis(c.fetch_wait_ms);
     if let Some(ms) = c.gather_ms {
         config.gather = Duration::from_millis(ms);
+    }
+    if let Some(filter) = c.partition_filter {
+        config.partition_filter = filter;
     }
     config.durable_prefix = format!("bench{workers}");
     config
@@ -1216,10 +1232,11 @@ async fn e2e_benchmark(args: E2eArgs) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         r,
-        "- projector: batch_frames {}, fetch_wait {} ms, gather {} ms, pool = consumers + 2; raw: {} events a batch; {} run(s) per scenario, median shown",
+        "- projector: batch_frames {}, fetch_wait {} ms, gather {} ms, partition filter {}, pool = consumers + 2; raw: {} events a batch; {} run(s) per scenario, median shown",
         common.batch_frames,
         common.fetch_wait_ms,
         gather_ms(common),
+        partition_filter(common),
         args.raw_batch,
         args.runs
     );
@@ -1453,6 +1470,8 @@ async fn run_apply(
         batch_frames: common.batch_frames,
         fetch_wait: Duration::from_millis(common.fetch_wait_ms),
         gather: Duration::ZERO,
+        // Each plan is handed its own frames only (`plan_frames`).
+        partition_filter: PartitionFilter::Server,
         durable_prefix: "apply".into(),
     };
     let mut work = Vec::new();
@@ -2093,12 +2112,13 @@ async fn rebuild_benchmark(args: RebuildArgs) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         r,
-        "- published in {published:.2} s{}; the live projector ({} partition workers, batch_frames {}, fetch_wait {} ms, gather {} ms) caught up from zero in {live:.2} s ({} events/s, until idle); rows verified before and after the rebuilds\n",
+        "- published in {published:.2} s{}; the live projector ({} partition workers, batch_frames {}, fetch_wait {} ms, gather {} ms, partition filter {}) caught up from zero in {live:.2} s ({} events/s, until idle); rows verified before and after the rebuilds\n",
         linger_note(common),
         args.workers,
         common.batch_frames,
         common.fetch_wait_ms,
         gather_ms(common),
+        partition_filter(common),
         thousands(truth.events as f64 / live)
     );
     let _ = writeln!(

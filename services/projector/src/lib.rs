@@ -60,11 +60,46 @@ pub struct ProjectorConfig {
     /// steady inflow this makes fewer, larger transactions: in the projector benchmark's `e2e`, 10 ms cut
     /// Postgres's and NATS's CPU per event and raised the median from 35,527 to 46,741 events/s.
     pub gather: Duration,
+    /// Where a partition worker's frames are picked out of a stream that several workers share.
+    pub partition_filter: PartitionFilter,
     /// Prefix of durable consumer names; a rebuild uses its own.
     pub durable_prefix: String,
     pub codec: CodecConfig,
     /// Run the migrations on start.
     pub migrate: bool,
+}
+
+/// Where a partition worker's frames are picked out of a partitioned stream that several workers share.
+///
+/// A consumer filtered by partition subjects costs nats-server, while the consumer lags, a walk over the
+/// subjects of a message block for every frame delivered; with a subject per origin (hundreds per stream)
+/// that was a third of the server's CPU in the projector benchmark with 2 workers. Reading the stream whole
+/// costs one more delivery per frame for each further worker instead, and the worker skips other workers'
+/// frames by subject without decoding them. Measured in load-tests/RESULTS.md ("Projector").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PartitionFilter {
+    /// Each worker's consumer reads the whole stream; the worker skips frames of partitions it does not own.
+    #[default]
+    Client,
+    /// Each worker's consumer is filtered by the subjects of the partitions it owns.
+    Server,
+}
+
+impl PartitionFilter {
+    pub fn parse(s: &str) -> Option<PartitionFilter> {
+        match s {
+            "client" => Some(PartitionFilter::Client),
+            "server" => Some(PartitionFilter::Server),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PartitionFilter::Client => "client",
+            PartitionFilter::Server => "server",
+        }
+    }
 }
 
 impl ProjectorConfig {
@@ -86,6 +121,7 @@ impl ProjectorConfig {
             batch_frames: 200,
             fetch_wait: Duration::from_millis(500),
             gather: Duration::from_millis(10),
+            partition_filter: PartitionFilter::default(),
             durable_prefix: "projector".into(),
             codec: CodecConfig::default(),
             migrate: true,
@@ -175,6 +211,7 @@ pub async fn run(
         batch_frames: config.batch_frames,
         fetch_wait: config.fetch_wait,
         gather: config.gather,
+        partition_filter: config.partition_filter,
         durable_prefix: config.durable_prefix.clone(),
     };
     let mut tasks = tokio::task::JoinSet::new();

@@ -50,6 +50,11 @@ struct Args {
     /// while events keep coming, at up to this much more projection latency; 0 takes what is there.
     #[arg(long, default_value_t = 10)]
     gather_ms: u64,
+    /// Where a worker's partitions are picked out of a shared stream: `client` (its consumer reads the stream
+    /// whole and skips other workers' frames, cheaper for nats-server while catching up) or `server` (its
+    /// consumer is filtered by partition subjects, one delivery per frame).
+    #[arg(long, env = "COCOON_PROJECTOR_PARTITION_FILTER", default_value = "client")]
+    partition_filter: String,
     /// Stop once every stream is drained (catch-up mode), instead of following the log.
     #[arg(long)]
     until_idle: bool,
@@ -84,6 +89,13 @@ async fn main() -> anyhow::Result<()> {
     config.nats_credentials = bus::Credentials::load_optional(args.nats_credentials.as_deref())?;
     config.workers = args.workers;
     config.gather = Duration::from_millis(args.gather_ms);
+    config.partition_filter = projector::PartitionFilter::parse(&args.partition_filter)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--partition-filter {:?}: use client or server",
+                args.partition_filter
+            )
+        })?;
     config.instance = instance;
     if !args.projections.is_empty() {
         config.projections = args

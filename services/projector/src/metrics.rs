@@ -24,19 +24,22 @@ fn labels(plan: &ConsumerPlan) -> [(&'static str, &'static str); 2] {
 
 /// After a committed batch: throughput, batch size and latency, and the lag behind the stream's head
 /// (frames still pending for this consumer, events estimated from this batch's frames, and the age of the
-/// newest frame applied).
+/// newest frame applied). `owned_share` is the share of the consumer's pending frames that are the plan's
+/// own: below 1 when the consumer reads a stream whole for a plan that owns some of its partitions.
 pub fn record_batch(
     plan: &ConsumerPlan,
     outcome: &Outcome,
     elapsed: Duration,
     last: Option<&bus::ReceivedFrame>,
+    owned_share: f64,
 ) {
     let l = labels(plan);
     metrics::histogram!(BATCH_EVENTS, &l).record(outcome.events as f64);
     if let Some(last) = last {
         let frames = outcome.frames.max(1) as f64;
-        metrics::gauge!(LAG_FRAMES, &l).set(last.pending as f64);
-        metrics::gauge!(LAG_EVENTS, &l).set(last.pending as f64 * outcome.events as f64 / frames);
+        let pending = (last.pending as f64 * owned_share).round();
+        metrics::gauge!(LAG_FRAMES, &l).set(pending);
+        metrics::gauge!(LAG_EVENTS, &l).set(pending * outcome.events as f64 / frames);
         let age = (events::Timestamp::now().as_micros() - last.stored_at.as_micros()).max(0);
         metrics::gauge!(LAG_SECONDS, &l).set(if last.pending == 0 {
             0.0

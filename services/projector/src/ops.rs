@@ -333,6 +333,7 @@ async fn context(config: &ProjectorConfig, pool_size: usize) -> anyhow::Result<C
         batch_frames: config.batch_frames,
         fetch_wait: config.fetch_wait,
         gather: config.gather,
+        partition_filter: config.partition_filter,
         durable_prefix: config.durable_prefix.clone(),
     })
 }
@@ -561,6 +562,7 @@ pub async fn rebuild(
         batch_frames: config.batch_frames,
         fetch_wait: config.fetch_wait,
         gather: config.gather,
+        partition_filter: config.partition_filter,
         durable_prefix: prefix.clone(),
     };
     let deadline = Instant::now() + Duration::from_secs(120);

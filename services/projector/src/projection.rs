@@ -67,6 +67,8 @@ pub struct ConsumerPlan {
     pub stream: Stream,
     /// Partition numbers owned; `[0]` for streams addressed by worker or client, read whole.
     pub partitions: Vec<u16>,
+    /// How many partitions the stream has: a plan that owns them all reads the stream whole.
+    pub stream_partitions: u16,
     pub worker: usize,
     pub workers: usize,
 }
@@ -84,14 +86,40 @@ impl ConsumerPlan {
         )
     }
 
+    /// The consumer's subject filters: one per owned partition, or none when the plan reads the whole stream.
+    /// Unfiltered is cheaper for the server: for a consumer that lags by more messages than a block has
+    /// subjects, each filtered delivery walks the block's subjects that match (load-tests/RESULTS.md,
+    /// "Projector").
     pub fn filter_subjects(&self) -> Vec<String> {
         match self.stream.addressing() {
-            Addressing::Partitioned => self
+            Addressing::Partitioned if !self.reads_whole_stream() => self
                 .partitions
                 .iter()
                 .map(|&p| Subject::partition_filter(self.stream, events::Partition(p)))
                 .collect(),
-            _ => vec![self.stream.filter()],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether partition `p` (as [`ConsumerPlan::partition_of`] reads it from a subject) is this plan's.
+    pub fn owns(&self, p: u16) -> bool {
+        self.reads_whole_stream() || self.partitions.contains(&p)
+    }
+
+    /// The share of the stream's partitions the plan owns (1 for a whole stream).
+    pub fn share(&self) -> f64 {
+        if self.reads_whole_stream() {
+            1.0
+        } else {
+            self.partitions.len() as f64 / f64::from(self.stream_partitions.max(1))
+        }
+    }
+
+    /// Whether the plan owns every message of its stream.
+    pub fn reads_whole_stream(&self) -> bool {
+        match self.stream.addressing() {
+            Addressing::Partitioned => self.partitions.len() >= usize::from(self.stream_partitions),
+            _ => true,
         }
     }
 
@@ -129,6 +157,7 @@ pub fn plan(
                                 projection,
                                 stream,
                                 partitions: owned,
+                                stream_partitions: partitions.count(),
                                 worker,
                                 workers,
                             });
@@ -140,6 +169,7 @@ pub fn plan(
                         projection,
                         stream,
                         partitions: vec![0],
+                        stream_partitions: 1,
                         worker: whole % workers,
                         workers,
                     });
@@ -193,5 +223,18 @@ mod tests {
         );
         assert_eq!(p.partition_of("tasks.5.worker.w1"), 5);
         assert_eq!(p.durable("projector"), "projector-tasks-tasks-2of2");
+    }
+
+    #[test]
+    fn a_plan_that_owns_the_whole_stream_reads_it_unfiltered() {
+        for plan in plan(&Projection::ALL, 1, Partitions::DEFAULT) {
+            assert!(plan.reads_whole_stream(), "{plan:?}");
+            assert_eq!(plan.filter_subjects(), Vec::<String>::new(), "{plan:?}");
+        }
+        for plan in plan(&Projection::ALL, 2, Partitions::DEFAULT) {
+            let partitioned = plan.stream.addressing() == Addressing::Partitioned;
+            assert_eq!(plan.reads_whole_stream(), !partitioned, "{plan:?}");
+            assert_eq!(plan.filter_subjects().len(), if partitioned { 4 } else { 0 });
+        }
     }
 }

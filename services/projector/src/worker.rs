@@ -28,6 +28,7 @@ pub struct Ctx {
     pub fetch_wait: Duration,
     /// How long a batch that is not full waits for more frames.
     pub gather: Duration,
+    pub partition_filter: crate::PartitionFilter,
     pub durable_prefix: String,
 }
 
@@ -46,7 +47,10 @@ pub enum Transient {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Outcome {
     pub frames: usize,
+    /// Frames at or below their partition's checkpoint: applied before.
     pub skipped: usize,
+    /// Frames of partitions another worker owns (a consumer that reads its stream whole).
+    pub foreign: usize,
     pub dead_lettered: usize,
     pub events: usize,
 }
@@ -136,7 +140,17 @@ pub async fn run_consumer(
             let started = Instant::now();
             match apply_batch(&ctx, &plan, &batch.frames).await {
                 Ok(outcome) => {
-                    m::record_batch(&plan, &outcome, started.elapsed(), batch.frames.last());
+                    let owned_share = match ctx.partition_filter {
+                        crate::PartitionFilter::Client => plan.share(),
+                        crate::PartitionFilter::Server => 1.0,
+                    };
+                    m::record_batch(
+                        &plan,
+                        &outcome,
+                        started.elapsed(),
+                        batch.frames.last(),
+                        owned_share,
+                    );
                     backoff = Duration::from_millis(100);
                     break;
                 }
@@ -199,8 +213,13 @@ async fn rebind(
 
 async fn bind_after_checkpoint(ctx: &Ctx, plan: &ConsumerPlan) -> anyhow::Result<FrameConsumer> {
     let start = checkpoint_floor(ctx, plan).await?;
+    let filters = match ctx.partition_filter {
+        crate::PartitionFilter::Server => plan.filter_subjects(),
+        // The whole stream: apply_frames skips the partitions other workers own.
+        crate::PartitionFilter::Client => Vec::new(),
+    };
     let spec = ConsumerSpec::new(plan.stream, plan.durable(&ctx.durable_prefix))
-        .filter_subjects(plan.filter_subjects())
+        .filter_subjects(filters)
         .start_after(start);
     let consumer = FrameConsumer::recreate(&ctx.js, &spec).await?;
     tracing::info!(
@@ -260,11 +279,25 @@ async fn apply_frames(
     frames: &[ReceivedFrame],
     force: bool,
 ) -> Result<Outcome, Transient> {
+    let foreign = frames
+        .iter()
+        .filter(|f| !plan.owns(plan.partition_of(&f.subject)))
+        .count();
+    if foreign == frames.len() {
+        // Nothing of ours: no transaction; the caller's ack moves the consumer past them.
+        return Ok(Outcome {
+            foreign,
+            ..Outcome::default()
+        });
+    }
     let mut client = ctx.pool.get().await?;
     let tx = client.transaction().await?;
     let checkpoints = lock_checkpoints(&tx, plan).await?;
 
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome {
+        foreign,
+        ..Outcome::default()
+    };
     let mut dead = Vec::new();
     let mut advanced: BTreeMap<u16, (u64, Timestamp)> = BTreeMap::new();
     // The batch's changes, and each applied frame's index and event count. A frame's changes are folded on
@@ -273,6 +306,9 @@ async fn apply_frames(
     let mut per_frame: Vec<(usize, usize)> = Vec::new();
     for (i, frame) in frames.iter().enumerate() {
         let partition = plan.partition_of(&frame.subject);
+        if !plan.owns(partition) {
+            continue;
+        }
         let entry = advanced.entry(partition).or_insert((0, frame.stored_at));
         if frame.stream_sequence > entry.0 {
             *entry = (frame.stream_sequence, frame.stored_at);

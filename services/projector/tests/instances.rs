@@ -10,7 +10,7 @@ use events::subjects::Addressing;
 use events::{EventRecord, Partitions, Stream};
 use futures_util::StreamExt as _;
 use projector::verify::fingerprint;
-use projector::{Instance, Projection, ProjectorConfig, instance_plan};
+use projector::{Instance, PartitionFilter, Projection, ProjectorConfig, instance_plan};
 use tests::{NatsServer, TestDb};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -39,10 +39,16 @@ type Checkpoints = BTreeMap<(String, String, i32), i64>;
 /// Durable name → (stream name, filter subjects).
 type Consumers = BTreeMap<String, (String, BTreeSet<String>)>;
 
-fn config(server: &NatsServer, db: &TestDb, instance: Instance) -> ProjectorConfig {
+fn config(
+    server: &NatsServer,
+    db: &TestDb,
+    instance: Instance,
+    filter: PartitionFilter,
+) -> ProjectorConfig {
     let mut c = ProjectorConfig::new(server.url(), db.url());
     c.durable_prefix = PREFIX.into();
     c.instance = instance;
+    c.partition_filter = filter;
     c.workers = 1;
     c.batch_frames = 20;
     c.fetch_wait = Duration::from_millis(200);
@@ -193,7 +199,8 @@ async fn server_consumers(bus: &Bus) -> Consumers {
 }
 
 /// What the instances' plans say the server should hold, and which instance each durable belongs to.
-fn planned_consumers() -> (Consumers, BTreeMap<String, usize>) {
+/// With `PartitionFilter::Client` every consumer reads its stream whole: no filter subjects.
+fn planned_consumers(filter: PartitionFilter) -> (Consumers, BTreeMap<String, usize>) {
     let mut consumers = BTreeMap::new();
     let mut owner = BTreeMap::new();
     for index in 0..INSTANCES {
@@ -203,7 +210,10 @@ fn planned_consumers() -> (Consumers, BTreeMap<String, usize>) {
                 name.clone(),
                 (
                     plan.stream.name().to_owned(),
-                    plan.filter_subjects().into_iter().collect(),
+                    match filter {
+                        PartitionFilter::Server => plan.filter_subjects().into_iter().collect(),
+                        PartitionFilter::Client => BTreeSet::new(),
+                    },
                 ),
             );
             assert!(
@@ -264,6 +274,17 @@ fn submitted_tasks(records: &[EventRecord]) -> Vec<(uuid::Uuid, i32)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_partitions_and_a_stopped_one_holds_back_only_its_own() {
+    share_the_partitions(PartitionFilter::Client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_partitions_by_server_side_filters() {
+    share_the_partitions(PartitionFilter::Server).await;
+}
+
+/// Two instances project one log at once, one is killed and comes back; with `filter` deciding whether
+/// their consumers are filtered by partition subjects or read the streams whole and skip the other's frames.
+async fn share_the_partitions(filter: PartitionFilter) {
     let server = NatsServer::start().await;
     let db = TestDb::create().await;
     let bus = Bus::from_client(server.client().await, Duration::from_secs(5));
@@ -272,15 +293,16 @@ async fn two_instances_share_the_partitions_and_a_stopped_one_holds_back_only_it
     // A history across every stream, projected by two instances running at once.
     let history = events::sample::lifecycle(40, 3);
     publish(&bus, &history).await;
-    let (first, first_stop) = spawn(config(&server, &db, instance(0)));
-    let (second, second_stop) = spawn(config(&server, &db, instance(1)));
+    let (first, first_stop) = spawn(config(&server, &db, instance(0), filter));
+    let (second, second_stop) = spawn(config(&server, &db, instance(1), filter));
     let want = heads(&bus).await;
     let got = wait_checkpoints(&db, &want, |_| true, &[&first, &second]).await;
     assert_eq!(got, want, "every checkpoint at its head, none extra");
 
     // No partition is owned by both: the consumers on the server are exactly the planned ones, and no two
-    // of a stream take the same subjects; keyed partition p belongs to instance p mod 2.
-    let (planned, owner) = planned_consumers();
+    // of a stream take the same subjects (with client-side filtering none takes any: each reads its stream
+    // whole); keyed partition p belongs to instance p mod 2.
+    let (planned, owner) = planned_consumers(filter);
     assert_eq!(server_consumers(&bus).await, planned);
     for stream in Stream::EVENT_STREAMS {
         let mut taken = BTreeSet::new();
@@ -358,7 +380,7 @@ async fn two_instances_share_the_partitions_and_a_stopped_one_holds_back_only_it
 
     // Back again under the same durable names: it resumes from its checkpoints and everything converges.
     drop(second_stop);
-    let (second, second_stop) = spawn(config(&server, &db, instance(1)));
+    let (second, second_stop) = spawn(config(&server, &db, instance(1), filter));
     let got = wait_checkpoints(&db, &want, |_| true, &[&first, &second]).await;
     assert_eq!(got, want);
     assert_eq!(

@@ -448,6 +448,7 @@ async fn shuffled_interleavings_of_streams_converge() {
             batch_frames: 10,
             fetch_wait: Duration::from_millis(100),
             gather: Duration::ZERO,
+            partition_filter: projector::PartitionFilter::default(),
             durable_prefix: "unused".into(),
         };
         for (plan, _) in &per_stream {
