@@ -15,6 +15,11 @@ use crate::workers::*;
 
 const T0: i64 = 1_795_383_637_000_000; // 2026-11-22T21:40:37Z
 
+/// How long the verdicts of [`lifecycle`] stay valid after [`T0`]: a century, so that read models that
+/// compare validity with the wall clock (`worker_attestation_state.attested`) see them valid whenever a test
+/// runs. (A day after T0 made such a test fail from 2026-11-23T21:40:37Z on.)
+const LIFECYCLE_ATTESTATION_VALIDITY: i64 = 100 * 365 * 86_400_000_000;
+
 fn worker() -> WorkerId {
     WorkerId::new("worker-7").expect("valid sample id")
 }
@@ -376,7 +381,7 @@ pub fn lifecycle(tasks: usize, workers: usize) -> Vec<EventRecord> {
                     rtmr2: "03".repeat(48),
                     rtmr3: "04".repeat(48),
                 },
-                valid_until: Timestamp(T0 + 86_400_000_000),
+                valid_until: Timestamp(T0 + LIFECYCLE_ATTESTATION_VALIDITY),
             },
         );
         out.extend([registered, submitted, verified]);
