@@ -215,10 +215,10 @@ pub async fn run(
         durable_prefix: config.durable_prefix.clone(),
     };
     let mut tasks = tokio::task::JoinSet::new();
-    for p in plans {
-        tasks.spawn(worker::run_consumer(
+    for group in worker::consumer_groups(plans, config.partition_filter) {
+        tasks.spawn(worker::run_group(
             ctx.clone(),
-            p,
+            group,
             shutdown.clone(),
             until_idle,
         ));

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use async_nats::jetstream;
 use bus::{ConsumerSpec, FrameConsumer, ReceivedFrame};
 use events::{CodecConfig, Timestamp};
@@ -69,15 +70,56 @@ fn is_permanent(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// Starts the consumer at the database checkpoint and runs until `shutdown`, or until the stream is drained when
-/// `until_idle` (catch-up mode for rebuilds and tests).
+/// Splits a process's plans into the groups that share one durable consumer. With
+/// [`crate::PartitionFilter::Client`], the plans of one (projection, stream) share a consumer that reads the
+/// stream whole: each frame is delivered once, and each plan applies its own partitions, in its own
+/// transaction, concurrently with the others. With [`crate::PartitionFilter::Server`], each plan has a consumer
+/// filtered to its partitions.
+pub fn consumer_groups(
+    plans: Vec<ConsumerPlan>,
+    filter: crate::PartitionFilter,
+) -> Vec<Vec<ConsumerPlan>> {
+    let mut groups: Vec<Vec<ConsumerPlan>> = Vec::new();
+    for plan in plans {
+        let shared = match filter {
+            crate::PartitionFilter::Server => None,
+            crate::PartitionFilter::Client => groups.iter_mut().find(|g| {
+                g.first()
+                    .is_some_and(|f| f.projection == plan.projection && f.stream == plan.stream)
+            }),
+        };
+        match shared {
+            Some(group) => group.push(plan),
+            None => groups.push(vec![plan]),
+        }
+    }
+    groups
+}
+
+/// Runs one plan on a consumer of its own; see [`run_group`].
 pub async fn run_consumer(
     ctx: Ctx,
     plan: ConsumerPlan,
     shutdown: CancellationToken,
     until_idle: bool,
 ) -> anyhow::Result<()> {
-    let mut consumer = bind_after_checkpoint(&ctx, &plan).await?;
+    run_group(ctx, vec![plan], shutdown, until_idle).await
+}
+
+/// Starts the group's consumer after the lowest database checkpoint of its plans and runs until `shutdown`,
+/// or until the stream is drained when `until_idle` (catch-up mode for rebuilds and tests). Each fetched batch
+/// is applied by every plan of the group at once (each skips the frames of partitions it does not own), and
+/// acked once all of them have committed.
+pub async fn run_group(
+    ctx: Ctx,
+    plans: Vec<ConsumerPlan>,
+    shutdown: CancellationToken,
+    until_idle: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!plans.is_empty(), "a consumer group without plans");
+    let mut consumer = bind_after_checkpoint(&ctx, &plans).await?;
+    // Each plan's transaction holds about as many frames as with a consumer of its own.
+    let batch_frames = ctx.batch_frames * plans.len();
     let mut backoff = Duration::from_millis(100);
     let mut idle_since: Option<Instant> = None;
     loop {
@@ -87,7 +129,7 @@ pub async fn run_consumer(
         // A pull the server never answers (in a cluster, the durable's leader was lost) counts as a failure.
         let fetch = tokio::time::timeout(
             ctx.fetch_wait + ctx.gather + FETCH_TIMEOUT,
-            consumer.fetch_gathering(ctx.batch_frames, ctx.fetch_wait, ctx.gather),
+            consumer.fetch_gathering(batch_frames, ctx.fetch_wait, ctx.gather),
         );
         let batch = tokio::select! {
             batch = fetch => batch.unwrap_or_else(|_| Err(bus::ConsumeError::Fetch {
@@ -103,7 +145,7 @@ pub async fn run_consumer(
                 // The frames of a failed fetch (nats-server restarting, a connection lost) may be lost on the
                 // way while the server counts them delivered; the next fetch would go on after them, and its
                 // ack (AckAll) would cover them. So start again after the database checkpoint, as on start.
-                match rebind(&ctx, &plan, &shutdown, &mut backoff).await? {
+                match rebind(&ctx, &plans, &shutdown, &mut backoff).await? {
                     Some(fresh) => consumer = fresh,
                     None => return Ok(()),
                 }
@@ -126,7 +168,7 @@ pub async fn run_consumer(
                 };
                 if let Some(why) = stalled {
                     tracing::warn!(durable = consumer.durable(), %why, "fetches come back empty; starting again after the database checkpoint");
-                    match rebind(&ctx, &plan, &shutdown, &mut backoff).await? {
+                    match rebind(&ctx, &plans, &shutdown, &mut backoff).await? {
                         Some(fresh) => consumer = fresh,
                         None => return Ok(()),
                     }
@@ -135,36 +177,52 @@ pub async fn run_consumer(
             continue;
         }
         idle_since = None;
-        // Apply until it commits: a transient failure retries the very same frames.
+        // Apply until every plan has committed: a plan whose transaction failed transiently retries the very
+        // same frames; the plans that committed are done with this batch.
+        let mut uncommitted: Vec<&ConsumerPlan> = plans.iter().collect();
         loop {
             let started = Instant::now();
-            match apply_batch(&ctx, &plan, &batch.frames).await {
-                Ok(outcome) => {
-                    let owned_share = match ctx.partition_filter {
-                        crate::PartitionFilter::Client => plan.share(),
-                        crate::PartitionFilter::Server => 1.0,
-                    };
-                    m::record_batch(
-                        &plan,
-                        &outcome,
-                        started.elapsed(),
-                        batch.frames.last(),
-                        owned_share,
-                    );
-                    backoff = Duration::from_millis(100);
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(durable = consumer.durable(), error = %e, "batch not committed; retrying");
-                    m::record_retry(&plan);
-                    if shutdown.is_cancelled() {
-                        // Not committed, not acked: it will be delivered again.
-                        return Ok(());
+            let results = futures_util::future::join_all(
+                uncommitted
+                    .iter()
+                    .map(|plan| apply_batch(&ctx, plan, &batch.frames)),
+            )
+            .await;
+            let mut failed = Vec::new();
+            for (plan, result) in uncommitted.iter().zip(results) {
+                match result {
+                    Ok(outcome) => {
+                        let owned_share = match ctx.partition_filter {
+                            crate::PartitionFilter::Client => plan.share(),
+                            crate::PartitionFilter::Server => 1.0,
+                        };
+                        m::record_batch(
+                            plan,
+                            &outcome,
+                            started.elapsed(),
+                            batch.frames.last(),
+                            owned_share,
+                        );
                     }
-                    sleep_or_cancel(&shutdown, backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    Err(e) => {
+                        tracing::warn!(durable = consumer.durable(), projection = %plan.projection, error = %e, "batch not committed; retrying");
+                        m::record_retry(plan);
+                        failed.push(*plan);
+                    }
                 }
             }
+            if failed.is_empty() {
+                backoff = Duration::from_millis(100);
+                break;
+            }
+            uncommitted = failed;
+            if shutdown.is_cancelled() {
+                // Not committed by every plan, not acked: it will be delivered again, and the plans that
+                // committed skip it by their checkpoints.
+                return Ok(());
+            }
+            sleep_or_cancel(&shutdown, backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         // Committed: now, and only now, ack (AckAll covers the whole batch). A lost ack means a redelivery,
         // which the checkpoint turns into a no-op.
@@ -192,7 +250,7 @@ const STALL_CHECK: Duration = Duration::from_secs(5);
 /// Binds again after the database checkpoint, retrying with `backoff`; `None` when shut down first.
 async fn rebind(
     ctx: &Ctx,
-    plan: &ConsumerPlan,
+    plans: &[ConsumerPlan],
     shutdown: &CancellationToken,
     backoff: &mut Duration,
 ) -> anyhow::Result<Option<FrameConsumer>> {
@@ -202,23 +260,38 @@ async fn rebind(
         if shutdown.is_cancelled() {
             return Ok(None);
         }
-        match bind_after_checkpoint(ctx, plan).await {
+        match bind_after_checkpoint(ctx, plans).await {
             Ok(fresh) => return Ok(Some(fresh)),
             Err(e) => {
-                tracing::warn!(durable = %plan.durable(&ctx.durable_prefix), error = %e, "consumer not recreated; retrying")
+                tracing::warn!(durable = %group_durable(ctx, plans), error = %e, "consumer not recreated; retrying")
             }
         }
     }
 }
 
-async fn bind_after_checkpoint(ctx: &Ctx, plan: &ConsumerPlan) -> anyhow::Result<FrameConsumer> {
-    let start = checkpoint_floor(ctx, plan).await?;
-    let filters = match ctx.partition_filter {
-        crate::PartitionFilter::Server => plan.filter_subjects(),
-        // The whole stream: apply_frames skips the partitions other workers own.
-        crate::PartitionFilter::Client => Vec::new(),
+/// A group's durable is its first plan's: every plan belongs to one group of one process.
+fn group_durable(ctx: &Ctx, plans: &[ConsumerPlan]) -> String {
+    plans
+        .first()
+        .map(|p| p.durable(&ctx.durable_prefix))
+        .unwrap_or_default()
+}
+
+async fn bind_after_checkpoint(
+    ctx: &Ctx,
+    plans: &[ConsumerPlan],
+) -> anyhow::Result<FrameConsumer> {
+    let mut start = u64::MAX;
+    for plan in plans {
+        start = start.min(checkpoint_floor(ctx, plan).await?);
+    }
+    let filters = match (ctx.partition_filter, plans) {
+        (crate::PartitionFilter::Server, [plan]) => plan.filter_subjects(),
+        // The whole stream: apply_frames skips the partitions the plan does not own.
+        _ => Vec::new(),
     };
-    let spec = ConsumerSpec::new(plan.stream, plan.durable(&ctx.durable_prefix))
+    let first = plans.first().context("a consumer group without plans")?;
+    let spec = ConsumerSpec::new(first.stream, group_durable(ctx, plans))
         .filter_subjects(filters)
         .start_after(start);
     let consumer = FrameConsumer::recreate(&ctx.js, &spec).await?;
