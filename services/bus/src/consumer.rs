@@ -155,6 +155,29 @@ async fn stream_of(
         })
 }
 
+/// Removes the durable `name` from `stream` if the server holds it; `Ok(false)` when it was not there.
+pub async fn remove_durable(
+    js: &jetstream::Context,
+    stream: Stream,
+    name: &str,
+) -> Result<bool, ConsumeError> {
+    let handle = stream_of(js, stream).await?;
+    let consumer_error = |reason: String| ConsumeError::Consumer {
+        stream: stream.name(),
+        durable: name.to_owned(),
+        reason,
+    };
+    match handle.consumer_info(name).await {
+        Ok(_) => handle
+            .delete_consumer(name)
+            .await
+            .map(|_| true)
+            .map_err(|e| consumer_error(e.to_string())),
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(false),
+        Err(e) => Err(consumer_error(format!("reading the durable's state: {e}"))),
+    }
+}
+
 /// The frame a JetStream message carries, with its place in the stream.
 fn received_frame(message: &jetstream::Message) -> Result<ReceivedFrame, ConsumeError> {
     let info = message

@@ -24,7 +24,7 @@ pub use auth::{Credentials, CredentialsError};
 
 pub use consumer::{
     ConsumeError, ConsumerSpec, FetchedBatch, Follower, FrameConsumer, RangeReader, ReadError,
-    ReceivedFrame, last_sequence, read_events,
+    ReceivedFrame, last_sequence, read_events, remove_durable,
 };
 pub use provision::{ProvisionError, ProvisionOutcome, ProvisionReport, provision_streams};
 pub use publisher::{FrameKey, Position, PublishError, Publisher, PublisherConfig, Receipt};

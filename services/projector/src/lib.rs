@@ -1,8 +1,9 @@
 //! `projector`: builds the Postgres read models from the event log, exactly once.
 //!
 //! - consumes: every event stream (TASKS, ALLOCATIONS, RESULTS, WORKERS, ATTESTATIONS, PAYMENTS), through
-//!   one durable pull consumer per (projection, stream, partition set); several processes can share the
-//!   partitions ([`instance`]);
+//!   one durable pull consumer per (projection, stream, partition set): by default the process's partitions,
+//!   which its partition workers share, each applying its own in its own transaction ([`PartitionFilter`]);
+//!   several processes can share the partitions ([`instance`]);
 //! - produces: dead letters (DEAD_LETTERS stream and `dead_letters` table) for frames it cannot apply;
 //! - owns: the read-model tables of its projections, their checkpoints, and the dashboard counters (kept by
 //!   triggers on those tables);
@@ -73,12 +74,13 @@ pub struct ProjectorConfig {
 ///
 /// A consumer filtered by partition subjects costs nats-server, while the consumer lags, a walk over the
 /// subjects of a message block for every frame delivered; with a subject per origin (hundreds per stream)
-/// that was a third of the server's CPU in the projector benchmark with 2 workers. Reading the stream whole
-/// costs one more delivery per frame for each further worker instead, and the worker skips other workers'
-/// frames by subject without decoding them. Measured in load-tests/RESULTS.md ("Projector").
+/// that was a third of the server's CPU in the projector benchmark with 2 workers. Measured in
+/// load-tests/RESULTS.md ("Projector").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PartitionFilter {
-    /// Each worker's consumer reads the whole stream; the worker skips frames of partitions it does not own.
+    /// The process's workers of one (projection, stream) share one unfiltered consumer: each frame is
+    /// delivered once, and each worker skips, by subject and without decoding, the frames of partitions it does
+    /// not own ([`worker::consumer_groups`]). Several processes each read the stream whole.
     #[default]
     Client,
     /// Each worker's consumer is filtered by the subjects of the partitions it owns.

@@ -53,7 +53,11 @@ struct Args {
     /// Where a worker's partitions are picked out of a shared stream: `client` (its consumer reads the stream
     /// whole and skips other workers' frames, cheaper for nats-server while catching up) or `server` (its
     /// consumer is filtered by partition subjects, one delivery per frame).
-    #[arg(long, env = "COCOON_PROJECTOR_PARTITION_FILTER", default_value = "client")]
+    #[arg(
+        long,
+        env = "COCOON_PROJECTOR_PARTITION_FILTER",
+        default_value = "client"
+    )]
     partition_filter: String,
     /// Stop once every stream is drained (catch-up mode), instead of following the log.
     #[arg(long)]

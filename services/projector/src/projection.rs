@@ -234,7 +234,10 @@ mod tests {
         for plan in plan(&Projection::ALL, 2, Partitions::DEFAULT) {
             let partitioned = plan.stream.addressing() == Addressing::Partitioned;
             assert_eq!(plan.reads_whole_stream(), !partitioned, "{plan:?}");
-            assert_eq!(plan.filter_subjects().len(), if partitioned { 4 } else { 0 });
+            assert_eq!(
+                plan.filter_subjects().len(),
+                if partitioned { 4 } else { 0 }
+            );
         }
     }
 }

@@ -117,6 +117,17 @@ pub async fn run_group(
     until_idle: bool,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(!plans.is_empty(), "a consumer group without plans");
+    // The other plans' own durables (left by a run with the server filter) would only hold state: remove them.
+    for plan in &plans[1..] {
+        let durable = plan.durable(&ctx.durable_prefix);
+        match bus::remove_durable(&ctx.js, plan.stream, &durable).await {
+            Ok(true) => {
+                tracing::info!(%durable, "unused durable removed: its plan shares a consumer")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(%durable, error = %e, "unused durable not removed"),
+        }
+    }
     let mut consumer = bind_after_checkpoint(&ctx, &plans).await?;
     // Each plan's transaction holds about as many frames as with a consumer of its own.
     let batch_frames = ctx.batch_frames * plans.len();
@@ -277,10 +288,7 @@ fn group_durable(ctx: &Ctx, plans: &[ConsumerPlan]) -> String {
         .unwrap_or_default()
 }
 
-async fn bind_after_checkpoint(
-    ctx: &Ctx,
-    plans: &[ConsumerPlan],
-) -> anyhow::Result<FrameConsumer> {
+async fn bind_after_checkpoint(ctx: &Ctx, plans: &[ConsumerPlan]) -> anyhow::Result<FrameConsumer> {
     let mut start = u64::MAX;
     for plan in plans {
         start = start.min(checkpoint_floor(ctx, plan).await?);
@@ -642,4 +650,39 @@ async fn record_dead_letter(
     .await?;
     m::record_dead_letter(plan);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use events::{Partitions, Stream};
+
+    use super::*;
+    use crate::{PartitionFilter, Projection, plan};
+
+    #[test]
+    fn client_filtering_shares_one_consumer_per_projection_and_stream() {
+        let plans = plan(&Projection::ALL, 2, Partitions::DEFAULT);
+        let groups = consumer_groups(plans.clone(), PartitionFilter::Client);
+        let streams: usize = Projection::ALL.iter().map(|p| p.streams().len()).sum();
+        assert_eq!(groups.len(), streams, "{groups:?}");
+        for group in &groups {
+            let first = &group[0];
+            assert!(
+                group
+                    .iter()
+                    .all(|p| p.projection == first.projection && p.stream == first.stream)
+            );
+        }
+        let tasks = groups
+            .iter()
+            .find(|g| g[0].projection == Projection::Tasks && g[0].stream == Stream::Tasks)
+            .expect("a TASKS group");
+        assert_eq!(tasks.len(), 2, "both workers' plans read one consumer");
+        // Every plan is in exactly one group.
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), plans.len());
+
+        let alone = consumer_groups(plans.clone(), PartitionFilter::Server);
+        assert_eq!(alone.len(), plans.len());
+        assert!(alone.iter().all(|g| g.len() == 1));
+    }
 }

@@ -401,3 +401,71 @@ async fn share_the_partitions(filter: PartitionFilter) {
     first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
 }
+
+/// What one process with `workers` partition workers leaves on the server under `filter`.
+fn planned_for_one_process(workers: usize, filter: PartitionFilter) -> Consumers {
+    let plans = projector::plan(&Projection::ALL, workers, Partitions::DEFAULT);
+    projector::worker::consumer_groups(plans, filter)
+        .into_iter()
+        .map(|group| {
+            let first = &group[0];
+            let filters = match filter {
+                PartitionFilter::Server => first.filter_subjects().into_iter().collect(),
+                PartitionFilter::Client => BTreeSet::new(),
+            };
+            (
+                first.durable(PREFIX),
+                (first.stream.name().to_owned(), filters),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_of_a_process_share_one_consumer_per_stream_and_switching_filters_leaves_no_stale_durable()
+ {
+    let server = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let bus = Bus::from_client(server.client().await, Duration::from_secs(5));
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    let config = |filter: PartitionFilter| {
+        let mut c = ProjectorConfig::new(server.url(), db.url());
+        c.durable_prefix = PREFIX.into();
+        c.workers = 2;
+        c.partition_filter = filter;
+        c.fetch_wait = Duration::from_millis(200);
+        c
+    };
+    let drain = |c: ProjectorConfig| async move {
+        tokio::time::timeout(DEADLINE, projector::run(c, CancellationToken::new(), true))
+            .await
+            .expect("drained in time")
+            .unwrap();
+    };
+
+    let history = events::sample::lifecycle(20, 3);
+    publish(&bus, &history[..history.len() / 2]).await;
+    drain(config(PartitionFilter::Server)).await;
+    let server_side = planned_for_one_process(2, PartitionFilter::Server);
+    assert_eq!(server_consumers(&bus).await, server_side);
+    assert!(server_side.len() > Projection::ALL.len(), "{server_side:?}");
+
+    // The rest under the client filter: one unfiltered durable per (projection, stream), the others removed,
+    // and every checkpoint at its head.
+    publish(&bus, &history[history.len() / 2..]).await;
+    drain(config(PartitionFilter::Client)).await;
+    let client_side = planned_for_one_process(2, PartitionFilter::Client);
+    assert_eq!(server_consumers(&bus).await, client_side);
+    assert!(client_side.len() < server_side.len());
+    let want = heads(&bus).await;
+    let got = checkpoints(&db).await;
+    for (key, head) in &want {
+        assert_eq!(got.get(key), Some(head), "{key:?} at its head");
+    }
+    let expected: BTreeSet<uuid::Uuid> = submitted_tasks(&history)
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(task_ids(&db).await, expected);
+    assert_equals_a_single_process_projection(&server, &db, "solo").await;
+}
