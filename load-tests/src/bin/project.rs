@@ -641,15 +641,16 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-/// The projector's gather in milliseconds, as the benchmark runs it.
 fn parse_partition_filter(s: &str) -> Result<PartitionFilter, String> {
     PartitionFilter::parse(s).ok_or_else(|| format!("{s:?}: use client or server"))
 }
 
+/// The projector's partition filter, as the benchmark runs it.
 fn partition_filter(common: &Common) -> &'static str {
     common.partition_filter.unwrap_or_default().name()
 }
 
+/// The projector's gather in milliseconds, as the benchmark runs it.
 fn gather_ms(common: &Common) -> u128 {
     common.gather_ms.map_or_else(
         || ProjectorConfig::new("", "").gather.as_millis(),

@@ -73,8 +73,8 @@ pub struct ProjectorConfig {
 /// Where a partition worker's frames are picked out of a partitioned stream that several workers share.
 ///
 /// A consumer filtered by partition subjects costs nats-server, while the consumer lags, a walk over the
-/// subjects of a message block for every frame delivered; with a subject per origin (hundreds per stream)
-/// that was a third of the server's CPU in the projector benchmark with 2 workers. Measured in
+/// subjects of a message block for every frame delivered; with a subject per origin (about 190 in the
+/// projector benchmark) that was a third of the server's CPU there with 2 workers. Measured in
 /// load-tests/RESULTS.md ("Projector").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PartitionFilter {

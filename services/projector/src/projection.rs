@@ -123,12 +123,33 @@ impl ConsumerPlan {
         }
     }
 
-    /// The checkpoint partition of a frame's subject.
+    /// The checkpoint partition of a frame's subject: 0 for a stream read whole, and for a subject that names
+    /// no partition of its stream (see [`ConsumerPlan::subject_error`]: partition 0's owner dead-letters it).
     pub fn partition_of(&self, subject: &str) -> u16 {
         match self.stream.addressing() {
-            Addressing::Partitioned => Subject::partition_number(subject).map_or(0, |p| p.0),
+            Addressing::Partitioned => self.named_partition(subject).unwrap_or(0),
             _ => 0,
         }
+    }
+
+    /// Why a frame of a partitioned stream names no partition of it (`tasks.x.…`, `tasks.99.…` with 8
+    /// partitions); `None` when its subject is fine. No filter selects such a frame, so a consumer reads it
+    /// only when it reads its stream whole.
+    pub fn subject_error(&self, subject: &str) -> Option<String> {
+        match self.stream.addressing() {
+            Addressing::Partitioned if self.named_partition(subject).is_none() => Some(format!(
+                "subject {subject} names no partition of {} (0 to {})",
+                self.stream,
+                self.stream_partitions.saturating_sub(1)
+            )),
+            _ => None,
+        }
+    }
+
+    fn named_partition(&self, subject: &str) -> Option<u16> {
+        Subject::partition_number(subject)
+            .map(|p| p.0)
+            .filter(|&p| p < self.stream_partitions)
     }
 }
 
@@ -222,6 +243,11 @@ mod tests {
             vec!["tasks.1.>", "tasks.3.>", "tasks.5.>", "tasks.7.>"]
         );
         assert_eq!(p.partition_of("tasks.5.worker.w1"), 5);
+        assert_eq!(p.subject_error("tasks.5.worker.w1"), None);
+        for bad in ["tasks.8.worker.w1", "tasks.x.worker.w1", "tasks"] {
+            assert_eq!(p.partition_of(bad), 0, "{bad}");
+            assert!(p.subject_error(bad).is_some(), "{bad}");
+        }
         assert_eq!(p.durable("projector"), "projector-tasks-tasks-2of2");
     }
 

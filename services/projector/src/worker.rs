@@ -1,10 +1,12 @@
-//! One consumer task: fetch frames, apply them in one transaction with the checkpoint, commit, then ack.
+//! One consumer task per group of plans ([`consumer_groups`]): fetch frames; each plan applies its own in
+//! one transaction with its checkpoints, all plans at once; once every plan has committed, ack.
 //!
 //! Errors are classified once, here: a frame that cannot be decoded or applied is permanent (dead-lettered,
 //! the projection goes on); a database or NATS failure is transient (the same batch is retried with
 //! backoff, nothing is skipped or acked).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -129,8 +131,18 @@ pub async fn run_group(
         }
     }
     let mut consumer = bind_after_checkpoint(&ctx, &plans).await?;
-    // Each plan's transaction holds about as many frames as with a consumer of its own.
-    let batch_frames = ctx.batch_frames * plans.len();
+    // Each plan's transaction holds about as many frames as with a consumer of its own; the server refuses a
+    // pull for more than the durable's max_ack_pending.
+    let max_ack_pending = ConsumerSpec::new(plans[0].stream, "").max_ack_pending;
+    let batch_frames = (ctx.batch_frames * plans.len())
+        .min(usize::try_from(max_ack_pending).unwrap_or(usize::MAX));
+    // The consumer's pending frames cover every plan of the group; lag gauges are per (projection, stream).
+    let group_share = match ctx.partition_filter {
+        crate::PartitionFilter::Client => {
+            plans.iter().map(ConsumerPlan::share).sum::<f64>().min(1.0)
+        }
+        crate::PartitionFilter::Server => 1.0,
+    };
     let mut backoff = Duration::from_millis(100);
     let mut idle_since: Option<Instant> = None;
     loop {
@@ -149,7 +161,7 @@ pub async fn run_group(
             })),
             () = shutdown.cancelled() => return Ok(()),
         };
-        let batch = match batch {
+        let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(durable = consumer.durable(), error = %e, "fetch failed; starting again after the database checkpoint");
@@ -189,36 +201,43 @@ pub async fn run_group(
         }
         idle_since = None;
         // Apply until every plan has committed: a plan whose transaction failed transiently retries the very
-        // same frames; the plans that committed are done with this batch.
-        let mut uncommitted: Vec<&ConsumerPlan> = plans.iter().collect();
+        // same frames; the plans that committed are done with this batch. Each plan runs as its own task, so
+        // that decoding and folding use more than one core. A plan that keeps failing holds back the whole
+        // group (nothing is acked until every plan has committed).
+        let frames = Arc::new(std::mem::take(&mut batch.frames));
+        let mut uncommitted: Vec<usize> = (0..plans.len()).collect();
         loop {
             let started = Instant::now();
-            let results = futures_util::future::join_all(
-                uncommitted
-                    .iter()
-                    .map(|plan| apply_batch(&ctx, plan, &batch.frames)),
-            )
-            .await;
+            let tasks: Vec<_> = uncommitted
+                .iter()
+                .map(|&i| {
+                    let (ctx, plan, frames) = (ctx.clone(), plans[i].clone(), frames.clone());
+                    tokio::spawn(async move { apply_batch(&ctx, &plan, &frames).await })
+                })
+                .collect();
             let mut failed = Vec::new();
-            for (plan, result) in uncommitted.iter().zip(results) {
-                match result {
-                    Ok(outcome) => {
-                        let owned_share = match ctx.partition_filter {
-                            crate::PartitionFilter::Client => plan.share(),
-                            crate::PartitionFilter::Server => 1.0,
-                        };
-                        m::record_batch(
-                            plan,
-                            &outcome,
-                            started.elapsed(),
-                            batch.frames.last(),
-                            owned_share,
-                        );
+            for (&i, task) in uncommitted.iter().zip(tasks) {
+                let plan = &plans[i];
+                match task.await {
+                    Ok(Ok(outcome)) => {
+                        // A plan with no frame of its own in the batch says nothing about its batches.
+                        if outcome.frames + outcome.skipped > 0 {
+                            m::record_batch(
+                                plan,
+                                &outcome,
+                                started.elapsed(),
+                                frames.last(),
+                                group_share,
+                            );
+                        }
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::warn!(durable = consumer.durable(), projection = %plan.projection, error = %e, "batch not committed; retrying");
                         m::record_retry(plan);
-                        failed.push(*plan);
+                        failed.push(i);
+                    }
+                    Err(e) => {
+                        anyhow::bail!("applying a batch of {} failed: {e}", consumer.durable())
                     }
                 }
             }
@@ -399,6 +418,14 @@ async fn apply_frames(
             continue;
         }
         outcome.frames += 1;
+        if let Some(reason) = plan.subject_error(&frame.subject) {
+            dead.push(DeadLetter {
+                frame,
+                kind: "bad_subject",
+                reason,
+            });
+            continue;
+        }
         match frame_changes(plan, frame, &ctx.codec) {
             Ok((changes, events)) => {
                 all.merge(changes);

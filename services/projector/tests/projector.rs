@@ -318,6 +318,25 @@ async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
         .await
         .unwrap()
         .sequence;
+    // And a well-formed submission on a subject that names no partition (9, with 8): no worker's filter
+    // selects it, so it must not be dropped silently by consumers that read the stream whole.
+    let stray = events::sample::task_submitted_of_size(200);
+    let subject = stray.subject(events::Partitions::DEFAULT).to_string();
+    let origin = subject.splitn(3, '.').nth(2).unwrap().to_owned();
+    let frame = events::encode_frame(events::CodecConfig::default(), &[stray]).unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in frame.headers.pairs() {
+        headers.insert(name, value.as_str());
+    }
+    let stray_seq = env
+        .bus
+        .jetstream
+        .publish_with_headers(format!("tasks.9.{origin}"), headers, frame.body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
     run_until_idle(config(&env, "public", "p")).await;
 
     let c = env.db.client().await;
@@ -348,6 +367,11 @@ async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
                 "TASKS".to_string(),
                 i64::try_from(forged_seq).unwrap(),
                 "wrong_origin".to_string()
+            ),
+            (
+                "TASKS".to_string(),
+                i64::try_from(stray_seq).unwrap(),
+                "bad_subject".to_string()
             )
         ]
     );
@@ -368,9 +392,9 @@ async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
     assert_eq!(tasks, 10, "frames after the poison one were applied");
 
     let mut dl = env.bus.jetstream.get_stream("DEAD_LETTERS").await.unwrap();
-    assert_eq!(dl.info().await.unwrap().state.messages, 3);
+    assert_eq!(dl.info().await.unwrap().state.messages, 4);
     let mut found = false;
-    for seq in 1..=3 {
+    for seq in 1..=4 {
         let headers = dl.get_raw_message(seq).await.unwrap().headers;
         if headers.get(projector::DL_STREAM).unwrap().as_str() == "ATTESTATIONS" {
             assert_eq!(
