@@ -261,6 +261,22 @@ async fn redelivering_everything_changes_nothing() {
     assert_eq!(sums(&env, "public").await, before);
 }
 
+/// Publishes a frame of `record` on `subject`, whatever subject the record would choose; its stream sequence.
+async fn publish_frame_on(bus: &Bus, subject: String, record: EventRecord) -> u64 {
+    let frame = events::encode_frame(events::CodecConfig::default(), &[record]).unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in frame.headers.pairs() {
+        headers.insert(name, value.as_str());
+    }
+    bus.jetstream
+        .publish_with_headers(subject, headers, frame.body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
+}
+
 #[tokio::test]
 async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
     let env = env().await;
@@ -304,39 +320,13 @@ async fn a_poison_frame_is_dead_lettered_and_later_frames_are_applied() {
         events::Partitions::DEFAULT,
         events::Origin::Worker(&impostor),
     );
-    let frame = events::encode_frame(events::CodecConfig::default(), &[forged]).unwrap();
-    let mut headers = async_nats::HeaderMap::new();
-    for (name, value) in frame.headers.pairs() {
-        headers.insert(name, value.as_str());
-    }
-    let forged_seq = env
-        .bus
-        .jetstream
-        .publish_with_headers(forged_subject.to_string(), headers, frame.body.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .sequence;
+    let forged_seq = publish_frame_on(&env.bus, forged_subject.to_string(), forged).await;
     // And a well-formed submission on a subject that names no partition (9, with 8): no worker's filter
     // selects it, so it must not be dropped silently by consumers that read the stream whole.
     let stray = events::sample::task_submitted_of_size(200);
     let subject = stray.subject(events::Partitions::DEFAULT).to_string();
     let origin = subject.splitn(3, '.').nth(2).unwrap().to_owned();
-    let frame = events::encode_frame(events::CodecConfig::default(), &[stray]).unwrap();
-    let mut headers = async_nats::HeaderMap::new();
-    for (name, value) in frame.headers.pairs() {
-        headers.insert(name, value.as_str());
-    }
-    let stray_seq = env
-        .bus
-        .jetstream
-        .publish_with_headers(format!("tasks.9.{origin}"), headers, frame.body.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .sequence;
+    let stray_seq = publish_frame_on(&env.bus, format!("tasks.9.{origin}"), stray).await;
     run_until_idle(config(&env, "public", "p")).await;
 
     let c = env.db.client().await;
