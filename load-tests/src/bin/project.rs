@@ -100,7 +100,7 @@ struct Common {
     /// Where the projector's workers pick their partitions out of a shared stream: `client` (whole-stream
     /// consumers, other workers' frames skipped) or `server` (consumers filtered by partition subjects)
     /// (default: the projector's).
-    #[arg(long, value_parser = parse_partition_filter)]
+    #[arg(long)]
     partition_filter: Option<PartitionFilter>,
     /// The publisher's linger in milliseconds (default: `bus::Publisher`'s). One publisher carries every
     /// origin's events here, over about 190 subjects, so its frames close on linger, not on count.
@@ -639,10 +639,6 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
         }
     });
     Ok(client)
-}
-
-fn parse_partition_filter(s: &str) -> Result<PartitionFilter, String> {
-    PartitionFilter::parse(s).ok_or_else(|| format!("{s:?}: use client or server"))
 }
 
 /// The projector's partition filter, as the benchmark runs it.

@@ -155,7 +155,8 @@ async fn stream_of(
         })
 }
 
-/// Removes the durable `name` from `stream` if the server holds it; `Ok(false)` when it was not there.
+/// Removes the durable `name` from `stream` if the server holds it; `Ok(false)` when the server says it is
+/// not there, an error when the server cannot say.
 pub async fn remove_durable(
     js: &jetstream::Context,
     stream: Stream,
@@ -229,26 +230,10 @@ impl FrameConsumer {
         js: &jetstream::Context,
         spec: &ConsumerSpec,
     ) -> Result<Self, ConsumeError> {
-        let stream_name = spec.stream.name();
-        let stream = stream_of(js, spec.stream).await?;
-        let consumer_error = |reason: String| ConsumeError::Consumer {
-            stream: stream_name,
-            durable: spec.durable.clone(),
-            reason,
-        };
         // Only a durable the server says is not there is absent. Any other failure (a timeout while a cluster
         // elects a leader) is returned: binding to the old durable would go on after frames it counts as
         // delivered, which the caller may never have seen.
-        match stream.consumer_info(&spec.durable).await {
-            Ok(_) => {
-                stream
-                    .delete_consumer(&spec.durable)
-                    .await
-                    .map_err(|e| consumer_error(e.to_string()))?;
-            }
-            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {}
-            Err(e) => return Err(consumer_error(format!("reading the durable's state: {e}"))),
-        }
+        remove_durable(js, spec.stream, &spec.durable).await?;
         Self::bind(js, spec).await
     }
 

@@ -87,15 +87,24 @@ pub enum PartitionFilter {
     Server,
 }
 
-impl PartitionFilter {
-    pub fn parse(s: &str) -> Option<PartitionFilter> {
+/// A partition filter other than `client` or `server`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown partition filter {0:?}: use client or server")]
+pub struct UnknownPartitionFilter(pub String);
+
+impl std::str::FromStr for PartitionFilter {
+    type Err = UnknownPartitionFilter;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "client" => Some(PartitionFilter::Client),
-            "server" => Some(PartitionFilter::Server),
-            _ => None,
+            "client" => Ok(PartitionFilter::Client),
+            "server" => Ok(PartitionFilter::Server),
+            _ => Err(UnknownPartitionFilter(s.to_owned())),
         }
     }
+}
 
+impl PartitionFilter {
     pub fn name(self) -> &'static str {
         match self {
             PartitionFilter::Client => "client",

@@ -58,7 +58,7 @@ struct Args {
         env = "COCOON_PROJECTOR_PARTITION_FILTER",
         default_value = "client"
     )]
-    partition_filter: String,
+    partition_filter: projector::PartitionFilter,
     /// Stop once every stream is drained (catch-up mode), instead of following the log.
     #[arg(long)]
     until_idle: bool,
@@ -93,13 +93,7 @@ async fn main() -> anyhow::Result<()> {
     config.nats_credentials = bus::Credentials::load_optional(args.nats_credentials.as_deref())?;
     config.workers = args.workers;
     config.gather = Duration::from_millis(args.gather_ms);
-    config.partition_filter = projector::PartitionFilter::parse(&args.partition_filter)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "--partition-filter {:?}: use client or server",
-                args.partition_filter
-            )
-        })?;
+    config.partition_filter = args.partition_filter;
     config.instance = instance;
     if !args.projections.is_empty() {
         config.projections = args

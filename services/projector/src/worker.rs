@@ -52,8 +52,6 @@ pub struct Outcome {
     pub frames: usize,
     /// Frames at or below their partition's checkpoint: applied before.
     pub skipped: usize,
-    /// Frames of partitions another worker owns (a consumer that reads its stream whole).
-    pub foreign: usize,
     pub dead_lettered: usize,
     pub events: usize,
 }
@@ -96,16 +94,6 @@ pub fn consumer_groups(
         }
     }
     groups
-}
-
-/// Runs one plan on a consumer of its own; see [`run_group`].
-pub async fn run_consumer(
-    ctx: Ctx,
-    plan: ConsumerPlan,
-    shutdown: CancellationToken,
-    until_idle: bool,
-) -> anyhow::Result<()> {
-    run_group(ctx, vec![plan], shutdown, until_idle).await
 }
 
 /// Starts the group's consumer after the lowest database checkpoint of its plans and runs until `shutdown`,
@@ -379,25 +367,18 @@ async fn apply_frames(
     frames: &[ReceivedFrame],
     force: bool,
 ) -> Result<Outcome, Transient> {
-    let foreign = frames
+    if !frames
         .iter()
-        .filter(|f| !plan.owns(plan.partition_of(&f.subject)))
-        .count();
-    if foreign == frames.len() {
+        .any(|f| plan.owns(plan.partition_of(&f.subject)))
+    {
         // Nothing of ours: no transaction; the caller's ack moves the consumer past them.
-        return Ok(Outcome {
-            foreign,
-            ..Outcome::default()
-        });
+        return Ok(Outcome::default());
     }
     let mut client = ctx.pool.get().await?;
     let tx = client.transaction().await?;
     let checkpoints = lock_checkpoints(&tx, plan).await?;
 
-    let mut outcome = Outcome {
-        foreign,
-        ..Outcome::default()
-    };
+    let mut outcome = Outcome::default();
     let mut dead = Vec::new();
     let mut advanced: BTreeMap<u16, (u64, Timestamp)> = BTreeMap::new();
     // The batch's changes, and each applied frame's index and event count. A frame's changes are folded on
@@ -711,5 +692,17 @@ mod tests {
         let alone = consumer_groups(plans.clone(), PartitionFilter::Server);
         assert_eq!(alone.len(), plans.len());
         assert!(alone.iter().all(|g| g.len() == 1));
+    }
+
+    #[test]
+    fn partition_filters_parse_by_name() {
+        for filter in [PartitionFilter::Client, PartitionFilter::Server] {
+            assert_eq!(filter.name().parse(), Ok(filter));
+        }
+        let unknown = "both".parse::<PartitionFilter>().unwrap_err();
+        assert_eq!(
+            unknown.to_string(),
+            "unknown partition filter \"both\": use client or server"
+        );
     }
 }
