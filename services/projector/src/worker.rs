@@ -352,7 +352,9 @@ pub async fn apply_batch(
 }
 
 /// Applies frames even at or below the checkpoint (an operator's replay). Safe because every write is an
-/// idempotent join; the checkpoint never moves back.
+/// idempotent join. The checkpoints do not move: a replayed range may lie ahead of the projection, and
+/// moving a partition's checkpoint to its end would make the projection skip the frames before the range,
+/// never applied. The projection applies the replayed frames again when it gets there, to the same rows.
 pub async fn replay_batch(
     ctx: &Ctx,
     plan: &ConsumerPlan,
@@ -472,7 +474,9 @@ async fn apply_frames(
         record_dead_letter(ctx, &tx, plan, letter).await?;
     }
     outcome.dead_lettered = dead.len();
-    save_checkpoints(&tx, plan, &advanced).await?;
+    if !force {
+        save_checkpoints(&tx, plan, &advanced).await?;
+    }
     tx.commit().await?;
     Ok(outcome)
 }
