@@ -443,8 +443,10 @@ async fn workers_of_a_process_share_one_consumer_per_stream_and_switching_filter
             .unwrap();
     };
 
-    let history = events::sample::lifecycle(20, 3);
-    publish(&bus, &history[..history.len() / 2]).await;
+    let history = events::sample::lifecycle(30, 3);
+    let (first, rest) = history.split_at(history.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    publish(&bus, first).await;
     drain(config(PartitionFilter::Server)).await;
     let server_side = planned_for_one_process(2, PartitionFilter::Server);
     assert_eq!(server_consumers(&bus).await, server_side);
@@ -452,11 +454,21 @@ async fn workers_of_a_process_share_one_consumer_per_stream_and_switching_filter
 
     // The rest under the client filter: one unfiltered durable per (projection, stream), the others removed,
     // and every checkpoint at its head.
-    publish(&bus, &history[history.len() / 2..]).await;
+    publish(&bus, second).await;
     drain(config(PartitionFilter::Client)).await;
     let client_side = planned_for_one_process(2, PartitionFilter::Client);
     assert_eq!(server_consumers(&bus).await, client_side);
     assert!(client_side.len() < server_side.len());
+    let want = heads(&bus).await;
+    let got = checkpoints(&db).await;
+    for (key, head) in &want {
+        assert_eq!(got.get(key), Some(head), "{key:?} at its head");
+    }
+
+    // And back to the server filter: each plan's durable again, filtered, started after its checkpoints.
+    publish(&bus, third).await;
+    drain(config(PartitionFilter::Server)).await;
+    assert_eq!(server_consumers(&bus).await, server_side);
     let want = heads(&bus).await;
     let got = checkpoints(&db).await;
     for (key, head) in &want {
@@ -467,5 +479,127 @@ async fn workers_of_a_process_share_one_consumer_per_stream_and_switching_filter
         .map(|(t, _)| t)
         .collect();
     assert_eq!(task_ids(&db).await, expected);
+    assert_equals_a_single_process_projection(&server, &db, "solo").await;
+}
+
+/// A plan of a shared consumer whose transaction keeps failing (a transient error, injected by a trigger on
+/// its checkpoint rows) retries alone: the other plan of the group commits its part of the batch, nothing is
+/// acked while one plan has not committed, and once the failure clears, everything converges to the rows of
+/// a process that never failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_plan_of_a_shared_consumer_retries_alone_and_nothing_is_acked_until_it_commits() {
+    let server = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let bus = Bus::from_client(server.client().await, Duration::from_secs(5));
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    let history = events::sample::lifecycle(40, 3);
+    publish(&bus, &history).await;
+
+    let plans: Vec<_> = projector::plan(&[Projection::Tasks], 2, Partitions::DEFAULT)
+        .into_iter()
+        .filter(|p| p.stream == Stream::Tasks)
+        .collect();
+    let [healthy, failing] = &plans[..] else {
+        panic!("two plans of TASKS: {plans:?}")
+    };
+    let on = |plan: &projector::ConsumerPlan| {
+        let partitions: BTreeSet<i32> = plan.partitions.iter().map(|&p| i32::from(p)).collect();
+        move |k: &(String, String, i32)| {
+            k.0 == "tasks" && k.1 == Stream::Tasks.name() && partitions.contains(&k.2)
+        }
+    };
+    let (of_healthy, of_failing) = (on(healthy), on(failing));
+    let want = heads(&bus).await;
+    assert!(
+        want.iter().any(|(k, &h)| of_failing(k) && h > 0),
+        "the failing plan has frames to apply"
+    );
+
+    {
+        let mut client = db.client().await;
+        schemas::migrate(&mut client).await.unwrap();
+        let failing_partitions: Vec<String> =
+            failing.partitions.iter().map(u16::to_string).collect();
+        client
+            .batch_execute(&format!(
+                "CREATE SEQUENCE injected_failures;
+                 CREATE FUNCTION fail_plan() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     IF NEW.projection = 'tasks' AND NEW.stream = '{stream}'
+                        AND NEW.partition IN ({partitions}) THEN
+                         PERFORM nextval('injected_failures');
+                         RAISE EXCEPTION 'injected failure' USING ERRCODE = '40001';
+                     END IF;
+                     RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER fail_plan BEFORE UPDATE ON projection_checkpoints
+                     FOR EACH ROW EXECUTE FUNCTION fail_plan();",
+                stream = Stream::Tasks.name(),
+                partitions = failing_partitions.join(", "),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut c = ProjectorConfig::new(server.url(), db.url());
+    c.durable_prefix = PREFIX.into();
+    c.workers = 2;
+    c.partition_filter = PartitionFilter::Client;
+    c.batch_frames = 5;
+    c.fetch_wait = Duration::from_millis(200);
+    let (handle, shutdown) = spawn(c);
+
+    // The failing plan has failed and retried; the healthy one has committed its part of the batch.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let failures: i64 = db
+            .client()
+            .await
+            .query_one("SELECT last_value FROM injected_failures", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let got = checkpoints(&db).await;
+        if failures >= 2 && got.iter().any(|(k, &s)| of_healthy(k) && s > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no retry and commit within {DEADLINE:?}: {failures} failures, {got:?}"
+        );
+        assert!(!handle.is_finished(), "the projector stopped");
+        tokio::time::sleep(POLL).await;
+    }
+    let got = checkpoints(&db).await;
+    assert!(
+        got.iter()
+            .filter(|(k, _)| of_failing(k))
+            .all(|(_, &s)| s == 0),
+        "the failing plan committed nothing: {got:?}"
+    );
+    let durable = healthy.durable(PREFIX);
+    let mut consumer = bus
+        .jetstream
+        .get_stream(Stream::Tasks.name())
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&durable)
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        info.ack_floor.stream_sequence, 0,
+        "nothing acked while a plan has not committed: {info:?}"
+    );
+    assert!(info.num_ack_pending > 0, "{info:?}");
+
+    // The failure clears: the failing plan commits the same batch, the group moves on, all converge.
+    db.client()
+        .await
+        .batch_execute("DROP TRIGGER fail_plan ON projection_checkpoints")
+        .await
+        .unwrap();
+    wait_checkpoints(&db, &want, |_| true, &[&handle]).await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
     assert_equals_a_single_process_projection(&server, &db, "solo").await;
 }
