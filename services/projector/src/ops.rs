@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use bus::RangeReader;
-use events::{Stream, Timestamp};
+use events::{Partitions, Stream, Timestamp};
 use futures_util::StreamExt;
 use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
@@ -573,9 +573,15 @@ pub async fn rebuild(
         let shadow_client = shadow_pool.get().await.map_err(anyhow::Error::from)?;
         let shadow_cp = checkpoints(&**shadow_client, projection, false).await?;
         drop(shadow_client);
-        let ahead = shadow_cp
-            .iter()
-            .any(|(k, s)| live_cp.get(k).copied().unwrap_or(0) < *s);
+        let ahead = shadow_ahead(
+            &shadow_ctx.js,
+            config.partitions,
+            projection,
+            &shadow_cp,
+            &live_cp,
+        )
+        .await
+        .map_err(anyhow::Error::from)?;
         if ahead {
             // The live projection has not yet applied what the shadow has: let it catch up.
             tx.rollback().await.map_err(anyhow::Error::from)?;
@@ -683,6 +689,45 @@ pub async fn rebuild(
             elapsed: started.elapsed(),
         });
     }
+}
+
+/// Whether the shadow holds frames the live projection has not applied: a partition whose shadow checkpoint
+/// is past the live one with frames of it in between. A checkpoint moves to the end of each batch its plan
+/// applied, frames of the partition or not, so a shadow checkpoint past the live one with nothing of the
+/// partition in between (the live projector had not yet written its quiet partitions' position) is not ahead.
+async fn shadow_ahead(
+    js: &jetstream::Context,
+    partitions: Partitions,
+    projection: Projection,
+    shadow_cp: &BTreeMap<(Stream, u16), u64>,
+    live_cp: &BTreeMap<(Stream, u16), u64>,
+) -> Result<bool, bus::ConsumeError> {
+    for p in plan(&[projection], 1, partitions) {
+        for &part in &p.partitions {
+            let key = (p.stream, part);
+            let shadow = shadow_cp.get(&key).copied().unwrap_or(0);
+            let live = live_cp.get(&key).copied().unwrap_or(0);
+            if shadow <= live {
+                continue;
+            }
+            let single = ConsumerPlan {
+                partitions: vec![part],
+                ..p.clone()
+            };
+            let mut between = RangeReader::open(
+                js,
+                p.stream,
+                single.filter_subjects(),
+                live + 1,
+                Some(shadow),
+            )
+            .await?;
+            if !between.next_batch(1).await?.is_empty() {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 async fn checkpoints(

@@ -119,6 +119,7 @@ pub async fn run_group(
         }
     }
     let mut consumer = bind_after_checkpoint(&ctx, &plans).await?;
+    let mut quiet: Vec<QuietAdvance> = plans.iter().map(|_| QuietAdvance::default()).collect();
     // Each plan's transaction holds about as many frames as with a consumer of its own; the server refuses a
     // pull for more than the durable's max_ack_pending.
     let max_ack_pending = ConsumerSpec::new(plans[0].stream, "").max_ack_pending;
@@ -164,6 +165,8 @@ pub async fn run_group(
             }
         };
         if batch.is_empty() {
+            // Caught up: bring the plans that had nothing in the last batches to where the group is.
+            advance_quiet(&ctx, &plans, &mut quiet, Duration::ZERO).await;
             if until_idle {
                 return Ok(());
             }
@@ -193,14 +196,27 @@ pub async fn run_group(
         // that decoding and folding use more than one core. A plan that keeps failing holds back the whole
         // group (nothing is acked until every plan has committed).
         let frames = Arc::new(std::mem::take(&mut batch.frames));
-        let mut uncommitted: Vec<usize> = (0..plans.len()).collect();
+        // Every frame of the stream up to `through` has now been delivered to the group (a consumer delivers in
+        // order from after the lowest checkpoint, and each batch is committed before the next is fetched), so
+        // once this batch has committed, every plan has applied all of its partitions' frames up to it.
+        let through = frames.iter().map(|f| f.stream_sequence).max().unwrap_or(0);
+        let mut uncommitted: Vec<usize> = Vec::new();
+        for (i, plan) in plans.iter().enumerate() {
+            if has_own_frames(plan, &frames) {
+                uncommitted.push(i);
+            } else {
+                quiet[i].through = quiet[i].through.max(through);
+            }
+        }
         loop {
             let started = Instant::now();
             let tasks: Vec<_> = uncommitted
                 .iter()
                 .map(|&i| {
                     let (ctx, plan, frames) = (ctx.clone(), plans[i].clone(), frames.clone());
-                    tokio::spawn(async move { apply_batch(&ctx, &plan, &frames).await })
+                    tokio::spawn(async move {
+                        apply_frames(&ctx, &plan, &frames, Mode::Live { through }).await
+                    })
                 })
                 .collect();
             let mut failed = Vec::new();
@@ -208,16 +224,19 @@ pub async fn run_group(
                 let plan = &plans[i];
                 match task.await {
                     Ok(Ok(outcome)) => {
-                        // A plan with no frame of its own in the batch says nothing about its batches.
-                        if outcome.frames + outcome.skipped > 0 {
-                            m::record_batch(
-                                plan,
-                                &outcome,
-                                started.elapsed(),
-                                frames.last(),
-                                group_share,
-                            );
-                        }
+                        m::record_batch(
+                            plan,
+                            &outcome,
+                            started.elapsed(),
+                            frames.last(),
+                            group_share,
+                        );
+                        // Its transaction moved every partition of the plan to `through`.
+                        quiet[i] = QuietAdvance {
+                            through,
+                            written: through,
+                            at: Some(Instant::now()),
+                        };
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(durable = consumer.durable(), projection = %plan.projection, error = %e, "batch not committed; retrying");
@@ -247,7 +266,80 @@ pub async fn run_group(
         if let Err(e) = batch.ack().await {
             tracing::warn!(error = %e, "ack failed after commit; the batch will be redelivered and skipped");
         }
+        advance_quiet(&ctx, &plans, &mut quiet, QUIET_ADVANCE_EVERY).await;
     }
+}
+
+/// How often, at most, a plan whose partitions had no frame in the group's recent batches has its checkpoints
+/// moved up to the group's position (and whenever the group is caught up).
+const QUIET_ADVANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a plan's checkpoints may go although its partitions had no frames: every frame of the stream up to
+/// `through` has been applied by the plan that owns it. Without this, a partition that never sees a frame
+/// (a keyed stream with few keys) keeps its checkpoint at 0, and the group, which starts after its lowest
+/// checkpoint, would read the whole stream again on every start.
+#[derive(Debug, Default, Clone, Copy)]
+struct QuietAdvance {
+    /// The group's position, as far as this plan knows it.
+    through: u64,
+    /// What the database holds at least, for every partition of the plan (as far as this process wrote).
+    written: u64,
+    at: Option<Instant>,
+}
+
+/// Writes the quiet plans' positions that are due (older than `every`). A failure only delays it.
+async fn advance_quiet(
+    ctx: &Ctx,
+    plans: &[ConsumerPlan],
+    quiet: &mut [QuietAdvance],
+    every: Duration,
+) {
+    for (plan, q) in plans.iter().zip(quiet.iter_mut()) {
+        if q.through <= q.written || q.at.is_some_and(|at| at.elapsed() < every) {
+            continue;
+        }
+        match advance_checkpoints(ctx, plan, q.through).await {
+            Ok(()) => {
+                q.written = q.through;
+                q.at = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(projection = %plan.projection, stream = %plan.stream, error = %e, "quiet checkpoints not advanced; trying again later")
+            }
+        }
+    }
+}
+
+/// Moves every checkpoint of `plan` that is below `through` up to it, without touching the time of the
+/// partition's last event: nothing of the partition lies between.
+async fn advance_checkpoints(
+    ctx: &Ctx,
+    plan: &ConsumerPlan,
+    through: u64,
+) -> Result<(), Transient> {
+    let partitions: Vec<i32> = plan.partitions.iter().map(|&p| i32::from(p)).collect();
+    ctx.pool
+        .get()
+        .await?
+        .execute(
+            "UPDATE projection_checkpoints SET last_sequence = $4, updated_at = now()
+             WHERE projection = $1 AND stream = $2 AND partition = ANY($3) AND last_sequence < $4",
+            &[
+                &plan.projection.name(),
+                &plan.stream.name(),
+                &partitions,
+                &i64::try_from(through).unwrap_or(i64::MAX),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Whether the batch holds a frame of a partition the plan owns.
+fn has_own_frames(plan: &ConsumerPlan, frames: &[ReceivedFrame]) -> bool {
+    frames
+        .iter()
+        .any(|f| plan.owns(plan.partition_of(&f.subject)))
 }
 
 async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) {
@@ -348,7 +440,7 @@ pub async fn apply_batch(
     plan: &ConsumerPlan,
     frames: &[ReceivedFrame],
 ) -> Result<Outcome, Transient> {
-    apply_frames(ctx, plan, frames, false).await
+    apply_frames(ctx, plan, frames, Mode::Selected).await
 }
 
 /// Applies frames even at or below the checkpoint (an operator's replay). Safe because every write is an
@@ -360,19 +452,29 @@ pub async fn replay_batch(
     plan: &ConsumerPlan,
     frames: &[ReceivedFrame],
 ) -> Result<Outcome, Transient> {
-    apply_frames(ctx, plan, frames, true).await
+    apply_frames(ctx, plan, frames, Mode::Replay).await
+}
+
+/// What a batch of frames is, and so how it moves the checkpoints.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// The next frames of the group's consumer: every frame of the stream up to `through` is in this batch or
+    /// was applied before, so every partition of the plan moves to at least `through`.
+    Live { through: u64 },
+    /// Frames picked by the caller (a rebuild's catch-up): each partition moves to its last frame here.
+    Selected,
+    /// An operator's replay: applied whatever the checkpoints, which do not move.
+    Replay,
 }
 
 async fn apply_frames(
     ctx: &Ctx,
     plan: &ConsumerPlan,
     frames: &[ReceivedFrame],
-    force: bool,
+    mode: Mode,
 ) -> Result<Outcome, Transient> {
-    if !frames
-        .iter()
-        .any(|f| plan.owns(plan.partition_of(&f.subject)))
-    {
+    let force = matches!(mode, Mode::Replay);
+    if !has_own_frames(plan, frames) {
         // Nothing of ours: no transaction; the caller's ack moves the consumer past them.
         return Ok(Outcome::default());
     }
@@ -392,13 +494,13 @@ async fn apply_frames(
         if !plan.owns(partition) {
             continue;
         }
-        let entry = advanced.entry(partition).or_insert((0, frame.stored_at));
-        if frame.stream_sequence > entry.0 {
-            *entry = (frame.stream_sequence, frame.stored_at);
-        }
         if !force && frame.stream_sequence <= checkpoints.get(&partition).copied().unwrap_or(0) {
             outcome.skipped += 1;
             continue;
+        }
+        let entry = advanced.entry(partition).or_insert((0, frame.stored_at));
+        if frame.stream_sequence > entry.0 {
+            *entry = (frame.stream_sequence, frame.stored_at);
         }
         outcome.frames += 1;
         if let Some(reason) = plan.subject_error(&frame.subject) {
@@ -474,8 +576,10 @@ async fn apply_frames(
         record_dead_letter(ctx, &tx, plan, letter).await?;
     }
     outcome.dead_lettered = dead.len();
-    if !force {
-        save_checkpoints(&tx, plan, &advanced).await?;
+    match mode {
+        Mode::Live { through } => save_checkpoints(&tx, plan, &advanced, Some(through)).await?,
+        Mode::Selected => save_checkpoints(&tx, plan, &advanced, None).await?,
+        Mode::Replay => {}
     }
     tx.commit().await?;
     Ok(outcome)
@@ -542,28 +646,45 @@ async fn lock_checkpoints(
         .collect())
 }
 
+/// Moves each partition with frames applied here to its last one (with that frame's time), and with
+/// `through`, every partition of the plan to at least `through` (keeping the time of its last event).
 async fn save_checkpoints(
     tx: &Transaction<'_>,
     plan: &ConsumerPlan,
-    advanced: &BTreeMap<u16, (u64, Timestamp)>,
+    applied: &BTreeMap<u16, (u64, Timestamp)>,
+    through: Option<u64>,
 ) -> Result<(), tokio_postgres::Error> {
-    if advanced.is_empty() {
+    let mut moves: BTreeMap<u16, (u64, Option<Timestamp>)> = applied
+        .iter()
+        .map(|(&p, &(seq, at))| (p, (seq, Some(at))))
+        .collect();
+    if let Some(through) = through {
+        for &p in &plan.partitions {
+            let entry = moves.entry(p).or_insert((through, None));
+            entry.0 = entry.0.max(through);
+        }
+    }
+    if moves.is_empty() {
         return Ok(());
     }
-    let partitions: Vec<i32> = advanced.keys().map(|&p| i32::from(p)).collect();
-    let seqs: Vec<i64> = advanced
+    let partitions: Vec<i32> = moves.keys().map(|&p| i32::from(p)).collect();
+    let seqs: Vec<i64> = moves
         .values()
         .map(|(s, _)| i64::try_from(*s).unwrap_or(i64::MAX))
         .collect();
-    let at: Vec<i64> = advanced.values().map(|(_, t)| t.as_micros()).collect();
+    let at: Vec<Option<i64>> = moves
+        .values()
+        .map(|(_, t)| t.map(|t| t.as_micros()))
+        .collect();
     tx.execute(
         "INSERT INTO projection_checkpoints AS c (projection, stream, partition, last_sequence, last_event_at)
          SELECT $1, $2, p, s, 'epoch'::timestamptz + at * interval '1 microsecond'
          FROM unnest($3::int4[], $4::int8[], $5::int8[]) AS u(p, s, at)
          ON CONFLICT (projection, stream, partition) DO UPDATE SET
             last_sequence = greatest(c.last_sequence, EXCLUDED.last_sequence),
-            last_event_at = CASE WHEN EXCLUDED.last_sequence > c.last_sequence THEN EXCLUDED.last_event_at
-                                 ELSE c.last_event_at END,
+            last_event_at = CASE WHEN EXCLUDED.last_sequence > c.last_sequence
+                                      AND EXCLUDED.last_event_at IS NOT NULL
+                                 THEN EXCLUDED.last_event_at ELSE c.last_event_at END,
             updated_at = now()",
         &[&plan.projection.name(), &plan.stream.name(), &partitions, &seqs, &at],
     )

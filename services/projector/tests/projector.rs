@@ -8,6 +8,7 @@ use bus::{
     Bus, ConsumerSpec, FrameConsumer, Publisher, PublisherConfig, ReceivedFrame, provision_streams,
 };
 use events::{EventRecord, Stream};
+use futures_util::StreamExt as _;
 use projector::verify::{TableSum, fingerprint};
 use projector::{Projection, ProjectorConfig};
 use tests::{NatsServer, TestDb};
@@ -246,9 +247,32 @@ async fn redelivering_everything_changes_nothing() {
     run_until_idle(config(&env, "public", "p")).await;
     let before = sums(&env, "public").await;
 
-    // New consumers start from the database checkpoints: every frame is skipped.
+    // New consumers start from the database checkpoints: every frame is skipped. They start after the end of
+    // their streams, although most partitions of WORKERS (keyed by worker, 2 workers) never saw a frame: a
+    // quiet partition's checkpoint moves with its consumer's position.
     run_until_idle(config(&env, "public", "again")).await;
     assert_eq!(sums(&env, "public").await, before);
+    for stream in Stream::EVENT_STREAMS {
+        let handle = env.bus.jetstream.get_stream(stream.name()).await.unwrap();
+        let end = stream_head(&env.bus, stream).await;
+        let mut consumers = handle.consumers();
+        let mut seen = 0;
+        while let Some(info) = consumers.next().await {
+            let info = info.unwrap();
+            if info.name.starts_with("again-") {
+                seen += 1;
+                assert_eq!(
+                    info.config.deliver_policy,
+                    async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: end + 1
+                    },
+                    "{} of {stream} starts after its end",
+                    info.name
+                );
+            }
+        }
+        assert!(seen > 0, "a consumer of {stream}");
+    }
 
     // With the checkpoints wound back, every frame is applied a second time: still nothing changes.
     env.db
@@ -806,6 +830,42 @@ async fn a_rebuild_that_does_not_verify_swaps_nothing_and_lists_the_differences(
         other => panic!("expected a mismatch, got {other}"),
     }
     assert_eq!(sums(&env, "public").await, before, "nothing swapped");
+}
+
+#[tokio::test]
+async fn a_rebuild_counts_a_quiet_partition_behind_the_shadow_as_caught_up() {
+    let env = env().await;
+    publish(&env.bus, &events::sample::lifecycle(12, 2)).await;
+    run_until_idle(config(&env, "public", "projector")).await;
+    let before = sums(&env, "public").await;
+    // The live projection stopped before writing its quiet partitions' position (they never saw a frame, so
+    // they have no event time): the shadow's checkpoints for them are past the live ones, with nothing of
+    // them in between, which must not count as the shadow being ahead.
+    let quiet = env
+        .db
+        .client()
+        .await
+        .execute(
+            "UPDATE projection_checkpoints SET last_sequence = 0
+             WHERE projection = 'workers' AND last_event_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(quiet > 0, "2 workers leave quiet partitions");
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        projector::ops::rebuild(
+            &config(&env, "public", "projector"),
+            Projection::Workers,
+            &mut |_| {},
+        ),
+    )
+    .await
+    .expect("the rebuild does not wait for the stopped live projection")
+    .unwrap();
+    assert!(report.tables["workers"].rows > 0);
+    assert_eq!(sums(&env, "public").await, before);
 }
 
 #[tokio::test]
