@@ -250,6 +250,10 @@ pub enum ProjectionsCommand {
     Rebuild {
         /// tasks, workers or payments.
         name: String,
+        /// How long to wait, once the shadow is built, for the live projection to reach its position (the
+        /// projector must be running, or caught up); past it nothing is swapped and the shadow is dropped.
+        #[arg(long, default_value_t = 120)]
+        wait_for_live_s: u64,
     },
     /// Wind a projection's checkpoints back so that frames from a point are applied again (projector stopped).
     Reset {

@@ -1,6 +1,7 @@
 //! `projections status|rebuild|reset` and `events replay`: the operator's side of the projector.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use events::{Partitions, Stream, Timestamp};
@@ -116,9 +117,14 @@ pub async fn run(conn: &Connection, command: ProjectionsCommand) -> anyhow::Resu
             );
             Ok(ExitCode::SUCCESS)
         }
-        ProjectionsCommand::Rebuild { name } => {
+        ProjectionsCommand::Rebuild {
+            name,
+            wait_for_live_s,
+        } => {
             let projection = projection(&name)?;
-            match ops::rebuild(&config(conn)?, projection, &mut print_progress).await {
+            let mut config = config(conn)?;
+            config.rebuild_wait_for_live = Duration::from_secs(wait_for_live_s);
+            match ops::rebuild(&config, projection, &mut print_progress).await {
                 Ok(report) => {
                     println!(
                         "rebuilt {} in {:.1}s; verified and swapped; previous tables kept in schema {}",

@@ -68,6 +68,9 @@ pub struct ProjectorConfig {
     pub codec: CodecConfig,
     /// Run the migrations on start.
     pub migrate: bool,
+    /// How long a rebuild waits for the live projection to reach the shadow's position (the live projector
+    /// must be running, or caught up) before it gives up, swapping nothing.
+    pub rebuild_wait_for_live: Duration,
 }
 
 /// Where a partition worker's frames are picked out of a partitioned stream that several workers share.
@@ -136,6 +139,7 @@ impl ProjectorConfig {
             durable_prefix: "projector".into(),
             codec: CodecConfig::default(),
             migrate: true,
+            rebuild_wait_for_live: Duration::from_secs(120),
         }
     }
 }

@@ -359,9 +359,10 @@ pub enum RebuildError {
         diffs: Vec<(String, Option<TableSum>, Option<TableSum>)>,
     },
     #[error(
-        "the live projection did not reach the shadow's position in time; is the projector running?"
+        "the live projection did not reach the shadow's position within {0:?}; is the projector running? \
+         Nothing was swapped and the shadow schema was dropped"
     )]
-    LiveBehind,
+    LiveBehind(Duration),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -494,13 +495,83 @@ fn recount_sql(projection: Projection) -> &'static str {
 /// row counts and checksums table by table, and swaps the tables in one transaction. The old tables are kept
 /// in a retired schema. The live projector pauses only for the final catch-up, verification and swap (its
 /// batches wait on the checkpoint lock); readers are never blocked longer than the swap's renames.
+///
+/// A rebuild that fails before the swap leaves nothing behind: its shadow schema is dropped and its durable
+/// consumers deleted, except after a failed verification, which keeps the shadow schema for inspection.
 pub async fn rebuild(
     config: &ProjectorConfig,
     projection: Projection,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<RebuildReport, RebuildError> {
-    let started = Instant::now();
     let stamp = Timestamp::now().as_micros();
+    let result = build_verify_swap(config, projection, stamp, progress).await;
+    if let Err(e) = &result {
+        discard_shadow(config, projection, stamp, e).await;
+    }
+    result
+}
+
+/// Removes what a failed rebuild made: its durable consumers, and its shadow schema unless the failure is a
+/// mismatch (the shadow shows what differs) or the swap committed after all (its retired schema exists: a
+/// commit whose answer was lost). Failures to clean up are logged: the rebuild's own error is what the
+/// operator needs.
+async fn discard_shadow(
+    config: &ProjectorConfig,
+    projection: Projection,
+    stamp: i64,
+    failure: &RebuildError,
+) {
+    let shadow = format!("shadow_{}_{stamp}", projection.name());
+    let retired = format!("retired_{}_{stamp}", projection.name());
+    let prefix = format!("rebuild{stamp}");
+    match bus::Bus::connect(&config.bus_config("projector-rebuild")).await {
+        Ok(bus) => {
+            if let Err(e) = delete_consumers(&bus.jetstream, projection, &prefix).await {
+                tracing::warn!(%prefix, error = %e, "the failed rebuild's consumers were not deleted");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%prefix, error = %e, "the failed rebuild's consumers were not deleted")
+        }
+    }
+    if matches!(failure, RebuildError::Mismatch { .. }) {
+        return;
+    }
+    let dropped = async {
+        let pool = pool(&config.database_url, &config.schema, 1)?;
+        let client = pool.get().await?;
+        let swapped: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                &[&retired],
+            )
+            .await?
+            .get(0);
+        if swapped {
+            tracing::warn!(%retired, "the rebuild's swap committed although its answer was lost: the rebuilt tables are live");
+            return anyhow::Ok(());
+        }
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {shadow} CASCADE"))
+            .await?;
+        tracing::info!(%shadow, "the failed rebuild's shadow schema was dropped");
+        anyhow::Ok(())
+    };
+    match dropped.await {
+        Ok(()) => {}
+        Err(e) => {
+            tracing::warn!(%shadow, error = %e, "the failed rebuild's shadow schema was not dropped")
+        }
+    }
+}
+
+async fn build_verify_swap(
+    config: &ProjectorConfig,
+    projection: Projection,
+    stamp: i64,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RebuildReport, RebuildError> {
+    let started = Instant::now();
     let shadow = format!("shadow_{}_{stamp}", projection.name());
     let retired = format!("retired_{}_{stamp}", projection.name());
     let prefix = format!("rebuild{stamp}");
@@ -565,7 +636,7 @@ pub async fn rebuild(
         partition_filter: config.partition_filter,
         durable_prefix: prefix.clone(),
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + config.rebuild_wait_for_live;
     let mut live = live_pool.get().await.map_err(anyhow::Error::from)?;
     loop {
         let tx = live.transaction().await.map_err(anyhow::Error::from)?;
@@ -586,7 +657,7 @@ pub async fn rebuild(
             // The live projection has not yet applied what the shadow has: let it catch up.
             tx.rollback().await.map_err(anyhow::Error::from)?;
             if Instant::now() > deadline {
-                return Err(RebuildError::LiveBehind);
+                return Err(RebuildError::LiveBehind(config.rebuild_wait_for_live));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -680,7 +751,10 @@ pub async fn rebuild(
         );
         tx.batch_execute(&sql).await.map_err(anyhow::Error::from)?;
         tx.commit().await.map_err(anyhow::Error::from)?;
-        delete_consumers(&shadow_ctx.js, projection, &prefix).await?;
+        // Swapped: from here on nothing may fail the rebuild (and so discard its schema).
+        if let Err(e) = delete_consumers(&shadow_ctx.js, projection, &prefix).await {
+            tracing::warn!(%prefix, error = %e, "the rebuild's consumers were not deleted");
+        }
         progress(meter.at(total, total));
         return Ok(RebuildReport {
             shadow_schema: shadow,

@@ -869,6 +869,52 @@ async fn a_rebuild_counts_a_quiet_partition_behind_the_shadow_as_caught_up() {
 }
 
 #[tokio::test]
+async fn a_rebuild_that_the_live_projection_never_catches_up_with_leaves_nothing_behind() {
+    let env = env().await;
+    publish(&env.bus, &events::sample::lifecycle(12, 2)).await;
+    run_until_idle(config(&env, "public", "projector")).await;
+    let before = sums(&env, "public").await;
+    // More history, which the stopped live projector has not applied: the shadow holds it, the live tables
+    // do not.
+    publish(&env.bus, &events::sample::lifecycle(4, 1)).await;
+    let mut c = config(&env, "public", "projector");
+    c.rebuild_wait_for_live = Duration::from_secs(1);
+    let err = projector::ops::rebuild(&c, Projection::Tasks, &mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, projector::ops::RebuildError::LiveBehind(_)),
+        "{err}"
+    );
+    assert_eq!(sums(&env, "public").await, before, "nothing swapped");
+    let schemas: Vec<String> = env
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'shadow%' OR nspname LIKE 'retired%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        schemas.is_empty(),
+        "the shadow schema is dropped: {schemas:?}"
+    );
+    for &stream in Projection::Tasks.streams() {
+        let handle = env.bus.jetstream.get_stream(stream.name()).await.unwrap();
+        let mut names = handle.consumer_names();
+        while let Some(name) = names.next().await {
+            let name = name.unwrap();
+            assert!(!name.starts_with("rebuild"), "{name} left on {stream}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn status_shows_lag_and_reset_and_replay_apply_frames_again() {
     let env = env().await;
     publish(&env.bus, &events::sample::lifecycle(20, 2)).await;
