@@ -192,7 +192,11 @@ pub async fn replay(conn: &Connection, args: &ReplayArgs) -> anyhow::Result<Exit
         }
         (None, seq) => seq.unwrap_or(1),
     };
-    let (frames, events) = ops::replay(
+    let ops::ReplaySummary {
+        frames,
+        events,
+        dead_letters_resolved,
+    } = ops::replay(
         &config,
         projection,
         stream,
@@ -202,7 +206,7 @@ pub async fn replay(conn: &Connection, args: &ReplayArgs) -> anyhow::Result<Exit
     )
     .await?;
     println!(
-        "replayed {frames} frames ({events} events) of {} through {}",
+        "replayed {frames} frames ({events} events) of {} through {}; dead letters now applied and marked replayed: {dead_letters_resolved}",
         stream.name(),
         projection.name()
     );

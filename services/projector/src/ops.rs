@@ -274,8 +274,18 @@ pub async fn delete_consumers(
     Ok(())
 }
 
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub frames: u64,
+    pub events: u64,
+    /// Dead letters whose frames now applied (after a fix), marked replayed.
+    pub dead_letters_resolved: u64,
+}
+
 /// Re-applies the frames of `stream` between `from` and `to` (inclusive) to a projection, regardless of its
-/// checkpoint. Returns frames and events applied.
+/// checkpoint (which does not move). A dead-lettered frame that now applies has its dead letter marked
+/// replayed; one that still fails stays a dead letter.
 pub async fn replay(
     config: &ProjectorConfig,
     projection: Projection,
@@ -283,7 +293,7 @@ pub async fn replay(
     from: u64,
     to: Option<u64>,
     progress: &mut dyn FnMut(Progress),
-) -> anyhow::Result<(u64, u64)> {
+) -> anyhow::Result<ReplaySummary> {
     if !projection.streams().contains(&stream) {
         bail!(
             "projection {projection} does not read {stream}; it reads {:?}",
@@ -300,7 +310,7 @@ pub async fn replay(
     let mut reader = RangeReader::open(&ctx.js, stream, Vec::new(), from, to).await?;
     let total = reader.end().saturating_sub(from.max(1)) + 1;
     let meter = Meter::new("replay");
-    let (mut frames, mut events_applied) = (0u64, 0u64);
+    let mut summary = ReplaySummary::default();
     let mut last_report = Instant::now();
     loop {
         let batch = reader.next_batch(config.batch_frames).await?;
@@ -308,8 +318,9 @@ pub async fn replay(
             break;
         }
         let outcome = replay_batch(&ctx, &whole, &batch).await?;
-        frames += batch.len() as u64;
-        events_applied += outcome.events as u64;
+        summary.frames += batch.len() as u64;
+        summary.events += outcome.events as u64;
+        summary.dead_letters_resolved += outcome.dead_letters_resolved as u64;
         let done = batch
             .last()
             .map_or(0, |f| f.stream_sequence)
@@ -321,7 +332,7 @@ pub async fn replay(
         }
     }
     progress(meter.at(total, total));
-    Ok((frames, events_applied))
+    Ok(summary)
 }
 
 async fn context(config: &ProjectorConfig, pool_size: usize) -> anyhow::Result<Ctx> {

@@ -54,6 +54,8 @@ pub struct Outcome {
     pub skipped: usize,
     pub dead_lettered: usize,
     pub events: usize,
+    /// Dead letters of frames that a replay has now applied, marked replayed.
+    pub dead_letters_resolved: usize,
 }
 
 struct DeadLetter<'a> {
@@ -579,10 +581,39 @@ async fn apply_frames(
     match mode {
         Mode::Live { through } => save_checkpoints(&tx, plan, &advanced, Some(through)).await?,
         Mode::Selected => save_checkpoints(&tx, plan, &advanced, None).await?,
-        Mode::Replay => {}
+        Mode::Replay => {
+            let failed: Vec<u64> = dead.iter().map(|d| d.frame.stream_sequence).collect();
+            let applied: Vec<i64> = per_frame
+                .iter()
+                .map(|&(i, _)| frames[i].stream_sequence)
+                .filter(|seq| !failed.contains(seq))
+                .map(|seq| i64::try_from(seq).unwrap_or(i64::MAX))
+                .collect();
+            outcome.dead_letters_resolved = resolve_dead_letters(&tx, plan, &applied).await?;
+        }
     }
     tx.commit().await?;
     Ok(outcome)
+}
+
+/// Marks the dead letters of frames that have now been applied (by an operator's replay, after a fix) as
+/// replayed: they no longer count as the projection's dead letters.
+async fn resolve_dead_letters(
+    tx: &Transaction<'_>,
+    plan: &ConsumerPlan,
+    applied: &[i64],
+) -> Result<usize, tokio_postgres::Error> {
+    if applied.is_empty() {
+        return Ok(0);
+    }
+    let n = tx
+        .execute(
+            "UPDATE dead_letters SET replayed_at = now()
+             WHERE projection = $1 AND stream = $2 AND stream_sequence = ANY($3) AND replayed_at IS NULL",
+            &[&plan.projection.name(), &plan.stream.name(), &applied],
+        )
+        .await?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 /// Decodes a frame and folds its events; `Err((kind, reason))` when it must be dead-lettered.

@@ -286,6 +286,92 @@ async fn redelivering_everything_changes_nothing() {
 }
 
 #[tokio::test]
+async fn a_replay_after_a_fix_applies_dead_lettered_frames_and_resolves_their_dead_letters() {
+    let env = env().await;
+    let history = events::sample::lifecycle(12, 2);
+    publish(&env.bus, &history).await;
+    run_until_idle(config(&env, "clean", "clean")).await;
+    let clean = sums(&env, "clean").await;
+
+    // A schema that refuses one task's rows, as a too strict migration would: every TASKS and ALLOCATIONS
+    // frame that carries an event of that task is dead-lettered, the rest is applied.
+    let refused = history
+        .iter()
+        .find_map(|r| match &r.event {
+            events::Event::TaskSubmitted(t) => Some(t.task_id.0),
+            _ => None,
+        })
+        .unwrap();
+    let c = env.db.client().await;
+    {
+        let mut client = env.db.client().await;
+        schemas::migrate(&mut client).await.unwrap();
+    }
+    c.batch_execute(&format!(
+        "ALTER TABLE tasks ADD CONSTRAINT refuse_one CHECK (task_id <> '{refused}')"
+    ))
+    .await
+    .unwrap();
+    run_until_idle(config(&env, "public", "p")).await;
+    let dead: i64 = c
+        .query_one(
+            "SELECT count(*) FROM dead_letters WHERE error_kind = 'rejected_by_database' AND replayed_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        dead >= 2,
+        "frames of TASKS and ALLOCATIONS dead-lettered: {dead}"
+    );
+    assert_ne!(sums(&env, "public").await, clean);
+
+    // The fix, then a replay of the projection's streams: everything applies, and the dead letters are
+    // marked replayed (they no longer count in the status).
+    c.batch_execute("ALTER TABLE tasks DROP CONSTRAINT refuse_one")
+        .await
+        .unwrap();
+    let mut resolved = 0;
+    for &stream in Projection::Tasks.streams() {
+        let summary = projector::ops::replay(
+            &config(&env, "public", "p"),
+            Projection::Tasks,
+            stream,
+            1,
+            None,
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+        resolved += summary.dead_letters_resolved;
+    }
+    assert_eq!(resolved, u64::try_from(dead).unwrap());
+    assert_eq!(sums(&env, "public").await, clean);
+    let (_, dead_letters) = projector::ops::status(
+        &env.bus.jetstream,
+        &c,
+        &Projection::ALL,
+        events::Partitions::DEFAULT,
+    )
+    .await
+    .unwrap();
+    assert!(dead_letters.is_empty(), "{dead_letters:?}");
+    // A replay again resolves nothing more.
+    let again = projector::ops::replay(
+        &config(&env, "public", "p"),
+        Projection::Tasks,
+        Stream::Tasks,
+        1,
+        None,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.dead_letters_resolved, 0);
+}
+
+#[tokio::test]
 async fn a_replay_ahead_of_the_projection_loses_nothing() {
     let env = env().await;
     publish(&env.bus, &events::sample::lifecycle(20, 2)).await;
@@ -966,7 +1052,7 @@ async fn status_shows_lag_and_reset_and_replay_apply_frames_again() {
     c.execute(damage, &[]).await.unwrap();
     assert_ne!(sums(&env, "public").await, good);
     let mut seen = Vec::new();
-    let (frames, events) = projector::ops::replay(
+    let projector::ops::ReplaySummary { frames, events, .. } = projector::ops::replay(
         &config(&env, "public", "projector"),
         Projection::Tasks,
         Stream::Tasks,
