@@ -1,6 +1,7 @@
 //! The frame consumer: durable pull consumers that fetch frames in batches and hand the caller each frame with
 //! its stream sequence, so the caller commits its work first and acks the last message after (AckAll).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{
@@ -93,6 +94,17 @@ pub enum ConsumeError {
     Ack { durable: String, reason: String },
     #[error("message without JetStream metadata: {0}")]
     Metadata(String),
+    /// The server delivered messages this consumer never received (sent to a pull request whose answer was
+    /// lost or given up on, as in a reconnect). Acking past them (AckAll) would ack them unseen: start again
+    /// from the caller's own position or the ack floor.
+    #[error(
+        "delivery gap on {durable}: delivery {got} arrived after {expected_after}; the deliveries between were lost"
+    )]
+    Gap {
+        durable: String,
+        expected_after: u64,
+        got: u64,
+    },
 }
 
 /// One frame as delivered: where it sits in the stream, and its bytes. Decode it with [`ReceivedFrame::decode`].
@@ -202,6 +214,9 @@ pub struct FrameConsumer {
     consumer: PullConsumer,
     stream: &'static str,
     durable: String,
+    /// The consumer's delivery sequence of the last message received (each delivery, redeliveries too, takes
+    /// the next), or `u64::MAX` while unknown (bound to a durable that had delivered before).
+    last_delivery: AtomicU64,
 }
 
 impl FrameConsumer {
@@ -217,10 +232,14 @@ impl FrameConsumer {
                 durable: spec.durable.clone(),
                 reason: e.to_string(),
             })?;
+        // A consumer that has delivered nothing yet starts at delivery 1; one that has may still have pull
+        // requests of an earlier process outstanding, so its first delivery here is taken as it comes.
+        let delivered = consumer.cached_info().delivered.consumer_sequence;
         Ok(Self {
             consumer,
             stream: stream_name,
             durable: spec.durable.clone(),
+            last_delivery: AtomicU64::new(if delivered == 0 { 0 } else { UNKNOWN_DELIVERY }),
         })
     }
 
@@ -350,12 +369,27 @@ impl FrameConsumer {
         .map_err(|e| fetch_err(&e))?;
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| fetch_err(&e))?;
+            let delivery = message
+                .info()
+                .map_err(|e| ConsumeError::Metadata(e.to_string()))?
+                .consumer_sequence;
+            let last = self.last_delivery.swap(delivery, Ordering::Relaxed);
+            if last != UNKNOWN_DELIVERY && delivery != last + 1 {
+                return Err(ConsumeError::Gap {
+                    durable: self.durable.clone(),
+                    expected_after: last,
+                    got: delivery,
+                });
+            }
             batch.frames.push(received_frame(&message)?);
             batch.last = Some(message);
         }
         Ok(())
     }
 }
+
+/// [`FrameConsumer::last_delivery`] before the first delivery of a durable bound mid-way.
+const UNKNOWN_DELIVERY: u64 = u64::MAX;
 
 fn ordered_err(stream: Stream, e: &dyn std::fmt::Display) -> ConsumeError {
     ConsumeError::Consumer {

@@ -10,7 +10,7 @@ use bus::{
 use events::frame::HEADER_EVENT_COUNT;
 use events::sample::{all_records, task_submitted_of_size};
 use events::{EventRecord, Partitions, Stream};
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt as _};
 use tests::NatsServer;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -536,6 +536,52 @@ async fn an_unacked_batch_is_delivered_again() {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "never redelivered");
+    }
+}
+
+#[tokio::test]
+async fn a_delivery_the_consumer_never_received_is_a_gap() {
+    let server = NatsServer::start().await;
+    let bus = bus(&server).await;
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default()).unwrap();
+    for r in same_subject_records(3) {
+        drop(publisher.publish(&r).await.unwrap());
+        publisher.flush().await.unwrap();
+    }
+    let spec = ConsumerSpec::new(Stream::Tasks, "gappy");
+    let consumer = FrameConsumer::bind(&bus.jetstream, &spec).await.unwrap();
+    let first = consumer.fetch(1, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(first.frames.len(), 1);
+
+    // A pull request whose answer another subscriber takes, as one given up on during a reconnect: the server
+    // delivers the next frame there and counts it delivered.
+    let client = server.client().await;
+    let mut stray = client.subscribe("_INBOX.stray").await.unwrap();
+    client
+        .publish_with_reply(
+            format!("$JS.API.CONSUMER.MSG.NEXT.{}.gappy", Stream::Tasks.name()),
+            "_INBOX.stray",
+            r#"{"batch":1,"no_wait":true}"#.into(),
+        )
+        .await
+        .unwrap();
+    let lost = tokio::time::timeout(DEADLINE, stray.next())
+        .await
+        .expect("the stray pull was served")
+        .unwrap();
+    assert!(
+        lost.reply.is_some_and(|r| r.starts_with("$JS.ACK.")),
+        "a frame, not a status"
+    );
+    // Acking the next frame (AckAll) would ack the lost one unseen: the fetch says so instead.
+    match consumer.fetch(10, Duration::from_secs(2)).await {
+        Err(bus::ConsumeError::Gap {
+            expected_after,
+            got,
+            ..
+        }) => assert_eq!((expected_after, got), (1, 3)),
+        other => panic!("expected a gap, got {other:?}"),
     }
 }
 

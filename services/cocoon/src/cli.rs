@@ -255,7 +255,8 @@ pub enum ProjectionsCommand {
         #[arg(long, default_value_t = 120)]
         wait_for_live_s: u64,
     },
-    /// Wind a projection's checkpoints back so that frames from a point are applied again (projector stopped).
+    /// Wind a projection's checkpoints back so that frames from a point are applied again (a running projector
+    /// starts again from there).
     Reset {
         /// tasks, workers or payments.
         name: String,

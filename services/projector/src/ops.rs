@@ -194,7 +194,8 @@ pub enum ResetTo {
 
 /// Winds the projection's checkpoints back (never forward) so that frames from the given point are applied
 /// again, and deletes its durable consumers so they restart there. Rows are kept: re-applying is idempotent.
-/// Takes effect when the projector (re)starts; run it with the projector stopped.
+/// A running projector starts again from there: its fetches fail once its durables are gone, and a batch or
+/// a quiet-partition write that finds a checkpoint below what the projector last wrote is not committed.
 pub async fn reset(
     js: &jetstream::Context,
     client: &tokio_postgres::Client,

@@ -44,6 +44,11 @@ pub enum Transient {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("dead-letter publish: {0}")]
     DeadLetter(String),
+    /// A checkpoint is below what this process last read or wrote for it: an operator wound it back.
+    #[error(
+        "checkpoint of partition {partition} moved back to {at}, below {known}: wound back by an operator"
+    )]
+    Rewound { partition: u16, at: u64, known: u64 },
 }
 
 /// What a committed batch did.
@@ -120,8 +125,7 @@ pub async fn run_group(
             Err(e) => tracing::warn!(%durable, error = %e, "unused durable not removed"),
         }
     }
-    let mut consumer = bind_after_checkpoint(&ctx, &plans).await?;
-    let mut quiet: Vec<QuietAdvance> = plans.iter().map(|_| QuietAdvance::default()).collect();
+    let (mut consumer, mut quiet) = bind_after_checkpoint(&ctx, &plans).await?;
     // Each plan's transaction holds about as many frames as with a consumer of its own; the server refuses a
     // pull for more than the durable's max_ack_pending.
     let max_ack_pending = ConsumerSpec::new(plans[0].stream, "").max_ack_pending;
@@ -160,7 +164,7 @@ pub async fn run_group(
                 // way while the server counts them delivered; the next fetch would go on after them, and its
                 // ack (AckAll) would cover them. So start again after the database checkpoint, as on start.
                 match rebind(&ctx, &plans, &shutdown, &mut backoff).await? {
-                    Some(fresh) => consumer = fresh,
+                    Some(fresh) => (consumer, quiet) = fresh,
                     None => return Ok(()),
                 }
                 continue;
@@ -185,7 +189,7 @@ pub async fn run_group(
                 if let Some(why) = stalled {
                     tracing::warn!(durable = consumer.durable(), %why, "fetches come back empty; starting again after the database checkpoint");
                     match rebind(&ctx, &plans, &shutdown, &mut backoff).await? {
-                        Some(fresh) => consumer = fresh,
+                        Some(fresh) => (consumer, quiet) = fresh,
                         None => return Ok(()),
                     }
                 }
@@ -203,6 +207,7 @@ pub async fn run_group(
         // once this batch has committed, every plan has applied all of its partitions' frames up to it.
         let through = frames.iter().map(|f| f.stream_sequence).max().unwrap_or(0);
         let mut uncommitted: Vec<usize> = Vec::new();
+        let mut rewound = false;
         for (i, plan) in plans.iter().enumerate() {
             if has_own_frames(plan, &frames) {
                 uncommitted.push(i);
@@ -216,8 +221,9 @@ pub async fn run_group(
                 .iter()
                 .map(|&i| {
                     let (ctx, plan, frames) = (ctx.clone(), plans[i].clone(), frames.clone());
+                    let written = quiet[i].written;
                     tokio::spawn(async move {
-                        apply_frames(&ctx, &plan, &frames, Mode::Live { through }).await
+                        apply_frames(&ctx, &plan, &frames, Mode::Live { through, written }).await
                     })
                 })
                 .collect();
@@ -240,6 +246,10 @@ pub async fn run_group(
                             at: Some(Instant::now()),
                         };
                     }
+                    Ok(Err(e @ Transient::Rewound { .. })) => {
+                        tracing::warn!(durable = consumer.durable(), projection = %plan.projection, error = %e, "starting again after the database checkpoint");
+                        rewound = true;
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(durable = consumer.durable(), projection = %plan.projection, error = %e, "batch not committed; retrying");
                         m::record_retry(plan);
@@ -249,6 +259,9 @@ pub async fn run_group(
                         anyhow::bail!("applying a batch of {} failed: {e}", consumer.durable())
                     }
                 }
+            }
+            if rewound {
+                break;
             }
             if failed.is_empty() {
                 backoff = Duration::from_millis(100);
@@ -262,6 +275,15 @@ pub async fn run_group(
             }
             sleep_or_cancel(&shutdown, backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        if rewound {
+            // Someone moved checkpoints back (`projections reset` while this runs): what this process knows of
+            // its positions is stale. Nothing of the batch is acked; start again from the database.
+            match rebind(&ctx, &plans, &shutdown, &mut backoff).await? {
+                Some(fresh) => (consumer, quiet) = fresh,
+                None => return Ok(()),
+            }
+            continue;
         }
         // Committed: now, and only now, ack (AckAll covers the whole batch). A lost ack means a redelivery,
         // which the checkpoint turns into a no-op.
@@ -284,7 +306,9 @@ const QUIET_ADVANCE_EVERY: Duration = Duration::from_secs(1);
 struct QuietAdvance {
     /// The group's position, as far as this plan knows it.
     through: u64,
-    /// What the database holds at least, for every partition of the plan (as far as this process wrote).
+    /// What every partition of the plan is at least at in the database, as this process read or wrote it
+    /// since its consumer was bound. Only an operator's reset moves a checkpoint below it; then this process
+    /// starts again from the database instead of writing over the reset.
     written: u64,
     at: Option<Instant>,
 }
@@ -300,7 +324,7 @@ async fn advance_quiet(
         if q.through <= q.written || q.at.is_some_and(|at| at.elapsed() < every) {
             continue;
         }
-        match advance_checkpoints(ctx, plan, q.through).await {
+        match advance_checkpoints(ctx, plan, q.through, q.written).await {
             Ok(()) => {
                 q.written = q.through;
                 q.at = Some(Instant::now());
@@ -313,11 +337,13 @@ async fn advance_quiet(
 }
 
 /// Moves every checkpoint of `plan` that is below `through` up to it, without touching the time of the
-/// partition's last event: nothing of the partition lies between.
+/// partition's last event: nothing of the partition lies between. A checkpoint below `written` was moved
+/// back by an operator's reset and stays where the reset put it (the next batch starts the group again).
 async fn advance_checkpoints(
     ctx: &Ctx,
     plan: &ConsumerPlan,
     through: u64,
+    written: u64,
 ) -> Result<(), Transient> {
     let partitions: Vec<i32> = plan.partitions.iter().map(|&p| i32::from(p)).collect();
     ctx.pool
@@ -325,12 +351,14 @@ async fn advance_checkpoints(
         .await?
         .execute(
             "UPDATE projection_checkpoints SET last_sequence = $4, updated_at = now()
-             WHERE projection = $1 AND stream = $2 AND partition = ANY($3) AND last_sequence < $4",
+             WHERE projection = $1 AND stream = $2 AND partition = ANY($3)
+               AND last_sequence < $4 AND last_sequence >= $5",
             &[
                 &plan.projection.name(),
                 &plan.stream.name(),
                 &partitions,
                 &i64::try_from(through).unwrap_or(i64::MAX),
+                &i64::try_from(written).unwrap_or(i64::MAX),
             ],
         )
         .await?;
@@ -365,7 +393,7 @@ async fn rebind(
     plans: &[ConsumerPlan],
     shutdown: &CancellationToken,
     backoff: &mut Duration,
-) -> anyhow::Result<Option<FrameConsumer>> {
+) -> anyhow::Result<Option<(FrameConsumer, Vec<QuietAdvance>)>> {
     loop {
         sleep_or_cancel(shutdown, *backoff).await;
         *backoff = (*backoff * 2).min(Duration::from_secs(5));
@@ -389,11 +417,21 @@ fn group_durable(ctx: &Ctx, plans: &[ConsumerPlan]) -> String {
         .unwrap_or_default()
 }
 
-async fn bind_after_checkpoint(ctx: &Ctx, plans: &[ConsumerPlan]) -> anyhow::Result<FrameConsumer> {
-    let mut start = u64::MAX;
+/// The group's consumer, started after the lowest checkpoint of its plans, and each plan's position as read.
+async fn bind_after_checkpoint(
+    ctx: &Ctx,
+    plans: &[ConsumerPlan],
+) -> anyhow::Result<(FrameConsumer, Vec<QuietAdvance>)> {
+    let mut positions = Vec::with_capacity(plans.len());
     for plan in plans {
-        start = start.min(checkpoint_floor(ctx, plan).await?);
+        let floor = checkpoint_floor(ctx, plan).await?;
+        positions.push(QuietAdvance {
+            through: floor,
+            written: floor,
+            at: None,
+        });
     }
+    let start = positions.iter().map(|p| p.written).min().unwrap_or(0);
     let filters = match (ctx.partition_filter, plans) {
         (crate::PartitionFilter::Server, [plan]) => plan.filter_subjects(),
         // The whole stream: apply_frames skips the partitions the plan does not own.
@@ -409,7 +447,7 @@ async fn bind_after_checkpoint(ctx: &Ctx, plans: &[ConsumerPlan]) -> anyhow::Res
         start_after = start,
         "consumer started"
     );
-    Ok(consumer)
+    Ok((consumer, positions))
 }
 
 /// The lowest checkpoint among the plan's partitions: the consumer starts right after it, and frames of
@@ -461,8 +499,9 @@ pub async fn replay_batch(
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     /// The next frames of the group's consumer: every frame of the stream up to `through` is in this batch or
-    /// was applied before, so every partition of the plan moves to at least `through`.
-    Live { through: u64 },
+    /// was applied before, so every partition of the plan moves to at least `through`. Every checkpoint of
+    /// the plan must be at `written` or past it, or it was wound back under this process ([`Transient::Rewound`]).
+    Live { through: u64, written: u64 },
     /// Frames picked by the caller (a rebuild's catch-up): each partition moves to its last frame here.
     Selected,
     /// An operator's replay: applied whatever the checkpoints, which do not move.
@@ -483,6 +522,15 @@ async fn apply_frames(
     let mut client = ctx.pool.get().await?;
     let tx = client.transaction().await?;
     let checkpoints = lock_checkpoints(&tx, plan).await?;
+    if let Mode::Live { written, .. } = mode
+        && let Some((&partition, &at)) = checkpoints.iter().find(|&(_, &at)| at < written)
+    {
+        return Err(Transient::Rewound {
+            partition,
+            at,
+            known: written,
+        });
+    }
 
     let mut outcome = Outcome::default();
     let mut dead = Vec::new();
@@ -579,7 +627,7 @@ async fn apply_frames(
     }
     outcome.dead_lettered = dead.len();
     match mode {
-        Mode::Live { through } => save_checkpoints(&tx, plan, &advanced, Some(through)).await?,
+        Mode::Live { through, .. } => save_checkpoints(&tx, plan, &advanced, Some(through)).await?,
         Mode::Selected => save_checkpoints(&tx, plan, &advanced, None).await?,
         Mode::Replay => {
             let failed: Vec<u64> = dead.iter().map(|d| d.frame.stream_sequence).collect();

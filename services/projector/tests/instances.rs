@@ -621,12 +621,40 @@ async fn a_failing_plan_of_a_shared_consumer_retries_alone_and_nothing_is_acked_
         .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&durable)
         .await
         .unwrap();
-    let info = consumer.info().await.unwrap();
+    let info = consumer.info().await.unwrap().clone();
     assert_eq!(
         info.ack_floor.stream_sequence, 0,
         "nothing acked while a plan has not committed: {info:?}"
     );
     assert!(info.num_ack_pending > 0, "{info:?}");
+
+    // Meanwhile a pull request the projector did not make takes the next frame, as one given up on during a
+    // reconnect would: the server counts it delivered, the projector never sees it. The next batch's ack
+    // (AckAll) would cover it unseen; the projector notices the gap in the deliveries and starts again after
+    // its checkpoints instead.
+    let client = server.client().await;
+    let mut stray = client.subscribe("_INBOX.stray").await.unwrap();
+    client
+        .publish_with_reply(
+            format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.{durable}",
+                Stream::Tasks.name()
+            ),
+            "_INBOX.stray",
+            r#"{"batch":1,"no_wait":true}"#.into(),
+        )
+        .await
+        .unwrap();
+    let lost = tokio::time::timeout(DEADLINE, stray.next())
+        .await
+        .expect("the stray pull was answered")
+        .unwrap();
+    assert!(
+        lost.reply
+            .as_ref()
+            .is_some_and(|r| r.starts_with("$JS.ACK.")),
+        "the stray pull took a frame"
+    );
 
     // The failure clears: the failing plan commits the same batch, the group moves on, all converge.
     db.client()
@@ -635,6 +663,11 @@ async fn a_failing_plan_of_a_shared_consumer_retries_alone_and_nothing_is_acked_
         .await
         .unwrap();
     wait_checkpoints(&db, &want, |_| true, &[&handle]).await;
+    let after = consumer.info().await.unwrap().clone();
+    assert!(
+        after.created > info.created,
+        "the durable was created again after the gap: {after:?}"
+    );
     shutdown.cancel();
     handle.await.unwrap().unwrap();
     assert_equals_a_single_process_projection(&server, &db, "solo").await;

@@ -1000,6 +1000,112 @@ async fn a_rebuild_that_the_live_projection_never_catches_up_with_leaves_nothing
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_while_the_projector_runs_is_applied_again_and_not_written_over() {
+    let env = env().await;
+    publish(&env.bus, &events::sample::lifecycle(30, 2)).await;
+    schemas::migrate(&mut env.db.client().await).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let mut c = config(&env, "public", "live");
+    c.batch_frames = 2;
+    let live = tokio::spawn(projector::run(c, shutdown.clone(), false));
+    let client = env.db.client().await;
+    let caught_up = || async {
+        let (rows, _) = projector::ops::status(
+            &env.bus.jetstream,
+            &client,
+            &Projection::ALL,
+            events::Partitions::DEFAULT,
+        )
+        .await
+        .unwrap();
+        rows.iter().all(|r| r.lag_frames == 0)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !caught_up().await {
+        assert!(tokio::time::Instant::now() < deadline, "never caught up");
+        assert!(!live.is_finished(), "the projector stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Damage a row. Then wind TASKS back to the start while a batch of new tasks is in flight: the batch is
+    // fetched, and waits for its checkpoint rows, which the operator's transaction holds while it moves them
+    // back. The batch must not write over the reset, nor may the quiet partitions.
+    client
+        .execute(
+            "UPDATE tasks SET gpu_millis = 1, status = 'submitted'
+             WHERE task_id = (SELECT task_id FROM tasks WHERE status = 'completed' ORDER BY task_id LIMIT 1)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut operator = env.db.client().await;
+    let tx = operator.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM projection_checkpoints WHERE projection = 'tasks' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let tasks: Vec<EventRecord> = (0..50)
+        .map(|_| events::sample::task_submitted_of_size(200))
+        .collect();
+    publish(&env.bus, &tasks).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%projection_checkpoints%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no batch waits for its checkpoints"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tx.execute(
+        "UPDATE projection_checkpoints SET last_sequence = 0 WHERE projection = 'tasks'",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // The rest of the reset: its durables go (the checkpoints are already where it puts them).
+    projector::ops::reset(
+        &env.bus.jetstream,
+        &client,
+        Projection::Tasks,
+        projector::ops::ResetTo::Sequence(1),
+        "live",
+    )
+    .await
+    .unwrap();
+    run_until_idle(config(&env, "clean", "clean")).await;
+    let clean = sums(&env, "clean").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = sums(&env, "public").await;
+        if now == clean {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the running projector did not apply the reset history again:\n{now:?}\n{clean:?}"
+        );
+        assert!(!live.is_finished(), "the projector stopped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    live.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn status_shows_lag_and_reset_and_replay_apply_frames_again() {
     let env = env().await;
