@@ -4,8 +4,10 @@
 //! token waits until the projection that owns the read has applied the log up to that position on the
 //! partitions the read covers: the task's partition for one task, every partition of the stream for a list.
 //!
-//! Checkpoints advance per partition only when a frame of that partition is applied, so a quiet partition's
-//! checkpoint can stay below N forever. A partition therefore counts as reached when its checkpoint is ≥ N, or
+//! A checkpoint says every frame of its partition up to it is applied. The projector moves a quiet partition's
+//! checkpoint with its consumer's position only after the fact (at most once a second, or once caught up), and
+//! a projector that stopped leaves it where it was, so it can stay below N. A partition therefore counts as
+//! reached when its checkpoint is ≥ N, or
 //! when nothing was stored on its subject between its checkpoint and N (asked of JetStream with a
 //! `next_by_subj` message get). What was stored at or below N on a partition is known once asked, so the wait
 //! polls only `projection_checkpoints` (every 20 ms) until the checkpoint passes it, and asks JetStream again

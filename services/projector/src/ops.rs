@@ -77,8 +77,10 @@ pub struct PartitionStatus {
     pub projection: Projection,
     pub stream: Stream,
     pub partition: u16,
+    /// Every frame of the partition up to here is applied (it may be past the partition's last frame: it
+    /// moves with its consumer's position).
     pub checkpoint: u64,
-    /// Last sequence stored on the partition's subjects.
+    /// Last sequence stored on the partition's subjects, or the checkpoint when nothing is stored after it.
     pub head: u64,
     /// Frames and events stored after the checkpoint.
     pub lag_frames: u64,
