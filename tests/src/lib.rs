@@ -219,6 +219,37 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("cannot connect to nats-server at {}: {e}", self.url()))
     }
 
+    /// Makes a pull request on the durable `durable` of `stream` whose answer another subscriber takes, as a
+    /// request given up on during a reconnect would: the server delivers the next message there and counts it
+    /// delivered. Returns that message (a frame, its reply subject an ack subject); panics if none comes.
+    pub async fn steal_next_delivery(&self, stream: &str, durable: &str) -> async_nats::Message {
+        use futures_util::StreamExt as _;
+        let client = self.client().await;
+        let inbox = client.new_inbox();
+        let mut stray = client.subscribe(inbox.clone()).await.unwrap();
+        client
+            .publish_with_reply(
+                format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"),
+                inbox,
+                r#"{"batch":1,"no_wait":true}"#.into(),
+            )
+            .await
+            .unwrap();
+        let stolen = tokio::time::timeout(Duration::from_secs(10), stray.next())
+            .await
+            .expect("the stray pull request was answered")
+            .expect("a message");
+        assert!(
+            stolen
+                .reply
+                .as_ref()
+                .is_some_and(|r| r.starts_with("$JS.ACK.")),
+            "the stray pull took a message, not a status: {:?}",
+            stolen.headers
+        );
+        stolen
+    }
+
     /// Stops the server gracefully (SIGTERM, so JetStream flushes its store)
     /// and waits until it has exited; it is killed if it takes longer than
     /// 10 s. No-op when already stopped.

@@ -10,7 +10,7 @@ use bus::{
 use events::frame::HEADER_EVENT_COUNT;
 use events::sample::{all_records, task_submitted_of_size};
 use events::{EventRecord, Partitions, Stream};
-use futures_util::{FutureExt, StreamExt as _};
+use futures_util::FutureExt;
 use tests::NatsServer;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -556,24 +556,9 @@ async fn a_delivery_the_consumer_never_received_is_a_gap() {
 
     // A pull request whose answer another subscriber takes, as one given up on during a reconnect: the server
     // delivers the next frame there and counts it delivered.
-    let client = server.client().await;
-    let mut stray = client.subscribe("_INBOX.stray").await.unwrap();
-    client
-        .publish_with_reply(
-            format!("$JS.API.CONSUMER.MSG.NEXT.{}.gappy", Stream::Tasks.name()),
-            "_INBOX.stray",
-            r#"{"batch":1,"no_wait":true}"#.into(),
-        )
-        .await
-        .unwrap();
-    let lost = tokio::time::timeout(DEADLINE, stray.next())
-        .await
-        .expect("the stray pull was served")
-        .unwrap();
-    assert!(
-        lost.reply.is_some_and(|r| r.starts_with("$JS.ACK.")),
-        "a frame, not a status"
-    );
+    server
+        .steal_next_delivery(Stream::Tasks.name(), "gappy")
+        .await;
     // Acking the next frame (AckAll) would ack the lost one unseen: the fetch says so instead.
     match consumer.fetch(10, Duration::from_secs(2)).await {
         Err(bus::ConsumeError::Gap {

@@ -632,29 +632,9 @@ async fn a_failing_plan_of_a_shared_consumer_retries_alone_and_nothing_is_acked_
     // reconnect would: the server counts it delivered, the projector never sees it. The next batch's ack
     // (AckAll) would cover it unseen; the projector notices the gap in the deliveries and starts again after
     // its checkpoints instead.
-    let client = server.client().await;
-    let mut stray = client.subscribe("_INBOX.stray").await.unwrap();
-    client
-        .publish_with_reply(
-            format!(
-                "$JS.API.CONSUMER.MSG.NEXT.{}.{durable}",
-                Stream::Tasks.name()
-            ),
-            "_INBOX.stray",
-            r#"{"batch":1,"no_wait":true}"#.into(),
-        )
-        .await
-        .unwrap();
-    let lost = tokio::time::timeout(DEADLINE, stray.next())
-        .await
-        .expect("the stray pull was answered")
-        .unwrap();
-    assert!(
-        lost.reply
-            .as_ref()
-            .is_some_and(|r| r.starts_with("$JS.ACK.")),
-        "the stray pull took a frame"
-    );
+    server
+        .steal_next_delivery(Stream::Tasks.name(), &durable)
+        .await;
 
     // The failure clears: the failing plan commits the same batch, the group moves on, all converge.
     db.client()
