@@ -142,6 +142,7 @@ pub async fn run_group(
     let mut idle_since: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
+            advance_quiet_on_stop(&ctx, &plans, &mut quiet).await;
             return Ok(());
         }
         // A pull the server never answers (in a cluster, the durable's leader was lost) counts as a failure.
@@ -154,7 +155,10 @@ pub async fn run_group(
                 durable: consumer.durable().to_owned(),
                 reason: format!("no answer within {FETCH_TIMEOUT:?} past the fetch's wait"),
             })),
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => {
+                advance_quiet_on_stop(&ctx, &plans, &mut quiet).await;
+                return Ok(());
+            }
         };
         let mut batch = match batch {
             Ok(b) => b,
@@ -270,7 +274,9 @@ pub async fn run_group(
             uncommitted = failed;
             if shutdown.is_cancelled() {
                 // Not committed by every plan, not acked: it will be delivered again, and the plans that
-                // committed skip it by their checkpoints.
+                // committed skip it by their checkpoints. (A plan with no frame in it has applied every
+                // frame of its partitions up to its end all the same.)
+                advance_quiet_on_stop(&ctx, &plans, &mut quiet).await;
                 return Ok(());
             }
             sleep_or_cancel(&shutdown, backoff).await;
@@ -335,6 +341,21 @@ async fn advance_quiet(
         }
     }
 }
+
+/// On a clean stop, writes the quiet plans' positions, so that the next start reads nothing again; bounded,
+/// so that a database that does not answer cannot hold the stop up.
+async fn advance_quiet_on_stop(ctx: &Ctx, plans: &[ConsumerPlan], quiet: &mut [QuietAdvance]) {
+    let written = tokio::time::timeout(
+        QUIET_ADVANCE_ON_STOP,
+        advance_quiet(ctx, plans, quiet, Duration::ZERO),
+    );
+    if written.await.is_err() {
+        tracing::warn!("quiet checkpoints not written on stop within {QUIET_ADVANCE_ON_STOP:?}");
+    }
+}
+
+/// How long a clean stop may spend writing the quiet plans' positions.
+const QUIET_ADVANCE_ON_STOP: Duration = Duration::from_secs(2);
 
 /// Moves every checkpoint of `plan` that is below `through` up to it, without touching the time of the
 /// partition's last event: nothing of the partition lies between. A checkpoint below `written` was moved
