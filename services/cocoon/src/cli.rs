@@ -251,9 +251,10 @@ pub enum ProjectionsCommand {
         /// tasks, workers or payments.
         name: String,
         /// How long to wait, once the shadow is built, for the live projection to reach its position (the
-        /// projector must be running, or caught up); past it nothing is swapped and the shadow is dropped.
-        #[arg(long, default_value_t = 120)]
-        wait_for_live_s: u64,
+        /// projector must be running, or caught up); past it nothing is swapped and the shadow is dropped
+        /// (default: the projector's, 120 s).
+        #[arg(long)]
+        wait_for_live_s: Option<u64>,
     },
     /// Wind a projection's checkpoints back so that frames from a point are applied again (a running projector
     /// starts again from there).

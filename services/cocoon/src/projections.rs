@@ -123,7 +123,9 @@ pub async fn run(conn: &Connection, command: ProjectionsCommand) -> anyhow::Resu
         } => {
             let projection = projection(&name)?;
             let mut config = config(conn)?;
-            config.rebuild_wait_for_live = Duration::from_secs(wait_for_live_s);
+            if let Some(s) = wait_for_live_s {
+                config.rebuild_wait_for_live = Duration::from_secs(s);
+            }
             match ops::rebuild(&config, projection, &mut print_progress).await {
                 Ok(report) => {
                     println!(

@@ -517,12 +517,31 @@ pub async fn rebuild(
     projection: Projection,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<RebuildReport, RebuildError> {
-    let stamp = Timestamp::now().as_micros();
-    let result = build_verify_swap(config, projection, stamp, progress).await;
+    let names = RebuildNames::new(projection, Timestamp::now().as_micros());
+    let result = build_verify_swap(config, projection, &names, progress).await;
     if let Err(e) = &result {
-        discard_shadow(config, projection, stamp, e).await;
+        discard_shadow(config, projection, &names, e).await;
     }
     result
+}
+
+/// What one rebuild creates, named after its start: the shadow schema, the retired schema the live tables
+/// move to, and the prefix of its durable consumers.
+#[derive(Clone)]
+struct RebuildNames {
+    shadow: String,
+    retired: String,
+    prefix: String,
+}
+
+impl RebuildNames {
+    fn new(projection: Projection, stamp: i64) -> Self {
+        Self {
+            shadow: format!("shadow_{}_{stamp}", projection.name()),
+            retired: format!("retired_{}_{stamp}", projection.name()),
+            prefix: format!("rebuild{stamp}"),
+        }
+    }
 }
 
 /// Removes what a failed rebuild made: its durable consumers, and its shadow schema unless the failure is a
@@ -532,15 +551,17 @@ pub async fn rebuild(
 async fn discard_shadow(
     config: &ProjectorConfig,
     projection: Projection,
-    stamp: i64,
+    names: &RebuildNames,
     failure: &RebuildError,
 ) {
-    let shadow = format!("shadow_{}_{stamp}", projection.name());
-    let retired = format!("retired_{}_{stamp}", projection.name());
-    let prefix = format!("rebuild{stamp}");
+    let RebuildNames {
+        shadow,
+        retired,
+        prefix,
+    } = names;
     match bus::Bus::connect(&config.bus_config("projector-rebuild")).await {
         Ok(bus) => {
-            if let Err(e) = delete_consumers(&bus.jetstream, projection, &prefix).await {
+            if let Err(e) = delete_consumers(&bus.jetstream, projection, prefix).await {
                 tracing::warn!(%prefix, error = %e, "the failed rebuild's consumers were not deleted");
             }
         }
@@ -557,7 +578,7 @@ async fn discard_shadow(
         let swapped: bool = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-                &[&retired],
+                &[retired],
             )
             .await?
             .get(0);
@@ -571,24 +592,23 @@ async fn discard_shadow(
         tracing::info!(%shadow, "the failed rebuild's shadow schema was dropped");
         anyhow::Ok(())
     };
-    match dropped.await {
-        Ok(()) => {}
-        Err(e) => {
-            tracing::warn!(%shadow, error = %e, "the failed rebuild's shadow schema was not dropped")
-        }
+    if let Err(e) = dropped.await {
+        tracing::warn!(%shadow, error = %e, "the failed rebuild's shadow schema was not dropped");
     }
 }
 
 async fn build_verify_swap(
     config: &ProjectorConfig,
     projection: Projection,
-    stamp: i64,
+    names: &RebuildNames,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<RebuildReport, RebuildError> {
     let started = Instant::now();
-    let shadow = format!("shadow_{}_{stamp}", projection.name());
-    let retired = format!("retired_{}_{stamp}", projection.name());
-    let prefix = format!("rebuild{stamp}");
+    let RebuildNames {
+        shadow,
+        retired,
+        prefix,
+    } = names.clone();
     let live_schema = config.schema.clone();
 
     // 1 and 2: build from the log into the shadow schema, until it has read everything stored.

@@ -125,7 +125,7 @@ pub async fn run_group(
             Err(e) => tracing::warn!(%durable, error = %e, "unused durable not removed"),
         }
     }
-    let (mut consumer, mut quiet) = bind_after_checkpoint(&ctx, &plans).await?;
+    let (mut consumer, mut positions) = bind_after_checkpoint(&ctx, &plans).await?;
     // Each plan's transaction holds about as many frames as with a consumer of its own; the server refuses a
     // pull for more than the durable's max_ack_pending.
     let max_ack_pending = ConsumerSpec::new(plans[0].stream, "").max_ack_pending;
@@ -142,7 +142,7 @@ pub async fn run_group(
     let mut idle_since: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
-            advance_quiet_on_stop(&ctx, &plans, &mut quiet).await;
+            advance_quiet_on_stop(&ctx, &plans, &mut positions).await;
             return Ok(());
         }
         // A pull the server never answers (in a cluster, the durable's leader was lost) counts as a failure.
@@ -156,7 +156,7 @@ pub async fn run_group(
                 reason: format!("no answer within {FETCH_TIMEOUT:?} past the fetch's wait"),
             })),
             () = shutdown.cancelled() => {
-                advance_quiet_on_stop(&ctx, &plans, &mut quiet).await;
+                advance_quiet_on_stop(&ctx, &plans, &mut positions).await;
                 return Ok(());
             }
         };
@@ -168,7 +168,7 @@ pub async fn run_group(
                 // way while the server counts them delivered; the next fetch would go on after them, and its
                 // ack (AckAll) would cover them. So start again after the database checkpoint, as on start.
                 match rebind(&ctx, &plans, &shutdown, &mut backoff).await? {
-                    Some(fresh) => (consumer, quiet) = fresh,
+                    Some(fresh) => (consumer, positions) = fresh,
                     None => return Ok(()),
                 }
                 continue;
@@ -176,7 +176,7 @@ pub async fn run_group(
         };
         if batch.is_empty() {
             // Caught up: bring the plans that had nothing in the last batches to where the group is.
-            advance_quiet(&ctx, &plans, &mut quiet, Duration::ZERO).await;
+            advance_quiet(&ctx, &plans, &mut positions, Duration::ZERO).await;
             if until_idle {
                 return Ok(());
             }
@@ -193,7 +193,7 @@ pub async fn run_group(
                 if let Some(why) = stalled {
                     tracing::warn!(durable = consumer.durable(), %why, "fetches come back empty; starting again after the database checkpoint");
                     match rebind(&ctx, &plans, &shutdown, &mut backoff).await? {
-                        Some(fresh) => (consumer, quiet) = fresh,
+                        Some(fresh) => (consumer, positions) = fresh,
                         None => return Ok(()),
                     }
                 }
@@ -216,7 +216,7 @@ pub async fn run_group(
             if has_own_frames(plan, &frames) {
                 uncommitted.push(i);
             } else {
-                quiet[i].through = quiet[i].through.max(through);
+                positions[i].through = positions[i].through.max(through);
             }
         }
         loop {
@@ -225,7 +225,7 @@ pub async fn run_group(
                 .iter()
                 .map(|&i| {
                     let (ctx, plan, frames) = (ctx.clone(), plans[i].clone(), frames.clone());
-                    let written = quiet[i].written;
+                    let written = positions[i].written;
                     tokio::spawn(async move {
                         apply_frames(&ctx, &plan, &frames, Mode::Live { through, written }).await
                     })
@@ -244,7 +244,7 @@ pub async fn run_group(
                             group_share,
                         );
                         // Its transaction moved every partition of the plan to `through`.
-                        quiet[i] = QuietAdvance {
+                        positions[i] = PlanPosition {
                             through,
                             written: through,
                             at: Some(Instant::now()),
@@ -276,7 +276,7 @@ pub async fn run_group(
                 // Not committed by every plan, not acked: it will be delivered again, and the plans that
                 // committed skip it by their checkpoints. (A plan with no frame in it has applied every
                 // frame of its partitions up to its end all the same.)
-                advance_quiet_on_stop(&ctx, &plans, &mut quiet).await;
+                advance_quiet_on_stop(&ctx, &plans, &mut positions).await;
                 return Ok(());
             }
             sleep_or_cancel(&shutdown, backoff).await;
@@ -286,7 +286,7 @@ pub async fn run_group(
             // Someone moved checkpoints back (`projections reset` while this runs): what this process knows of
             // its positions is stale. Nothing of the batch is acked; start again from the database.
             match rebind(&ctx, &plans, &shutdown, &mut backoff).await? {
-                Some(fresh) => (consumer, quiet) = fresh,
+                Some(fresh) => (consumer, positions) = fresh,
                 None => return Ok(()),
             }
             continue;
@@ -296,7 +296,7 @@ pub async fn run_group(
         if let Err(e) = batch.ack().await {
             tracing::warn!(error = %e, "ack failed after commit; the batch will be redelivered and skipped");
         }
-        advance_quiet(&ctx, &plans, &mut quiet, QUIET_ADVANCE_EVERY).await;
+        advance_quiet(&ctx, &plans, &mut positions, QUIET_ADVANCE_EVERY).await;
     }
 }
 
@@ -304,12 +304,12 @@ pub async fn run_group(
 /// moved up to the group's position (and whenever the group is caught up).
 const QUIET_ADVANCE_EVERY: Duration = Duration::from_secs(1);
 
-/// Where a plan's checkpoints may go although its partitions had no frames: every frame of the stream up to
-/// `through` has been applied by the plan that owns it. Without this, a partition that never sees a frame
+/// A plan's position in its group. Its checkpoints may go to `through` although its partitions had no frames:
+/// every frame of the stream up to `through` has been applied by the plan that owns it. Without this, a partition that never sees a frame
 /// (a keyed stream with few keys) keeps its checkpoint at 0, and the group, which starts after its lowest
 /// checkpoint, would read the whole stream again on every start.
 #[derive(Debug, Default, Clone, Copy)]
-struct QuietAdvance {
+struct PlanPosition {
     /// The group's position, as far as this plan knows it.
     through: u64,
     /// What every partition of the plan is at least at in the database, as this process read or wrote it
@@ -323,10 +323,10 @@ struct QuietAdvance {
 async fn advance_quiet(
     ctx: &Ctx,
     plans: &[ConsumerPlan],
-    quiet: &mut [QuietAdvance],
+    positions: &mut [PlanPosition],
     every: Duration,
 ) {
-    for (plan, q) in plans.iter().zip(quiet.iter_mut()) {
+    for (plan, q) in plans.iter().zip(positions.iter_mut()) {
         if q.through <= q.written || q.at.is_some_and(|at| at.elapsed() < every) {
             continue;
         }
@@ -344,10 +344,10 @@ async fn advance_quiet(
 
 /// On a clean stop, writes the quiet plans' positions, so that the next start reads nothing again; bounded,
 /// so that a database that does not answer cannot hold the stop up.
-async fn advance_quiet_on_stop(ctx: &Ctx, plans: &[ConsumerPlan], quiet: &mut [QuietAdvance]) {
+async fn advance_quiet_on_stop(ctx: &Ctx, plans: &[ConsumerPlan], positions: &mut [PlanPosition]) {
     let written = tokio::time::timeout(
         QUIET_ADVANCE_ON_STOP,
-        advance_quiet(ctx, plans, quiet, Duration::ZERO),
+        advance_quiet(ctx, plans, positions, Duration::ZERO),
     );
     if written.await.is_err() {
         tracing::warn!("quiet checkpoints not written on stop within {QUIET_ADVANCE_ON_STOP:?}");
@@ -414,7 +414,7 @@ async fn rebind(
     plans: &[ConsumerPlan],
     shutdown: &CancellationToken,
     backoff: &mut Duration,
-) -> anyhow::Result<Option<(FrameConsumer, Vec<QuietAdvance>)>> {
+) -> anyhow::Result<Option<(FrameConsumer, Vec<PlanPosition>)>> {
     loop {
         sleep_or_cancel(shutdown, *backoff).await;
         *backoff = (*backoff * 2).min(Duration::from_secs(5));
@@ -442,11 +442,11 @@ fn group_durable(ctx: &Ctx, plans: &[ConsumerPlan]) -> String {
 async fn bind_after_checkpoint(
     ctx: &Ctx,
     plans: &[ConsumerPlan],
-) -> anyhow::Result<(FrameConsumer, Vec<QuietAdvance>)> {
+) -> anyhow::Result<(FrameConsumer, Vec<PlanPosition>)> {
     let mut positions = Vec::with_capacity(plans.len());
     for plan in plans {
         let floor = checkpoint_floor(ctx, plan).await?;
-        positions.push(QuietAdvance {
+        positions.push(PlanPosition {
             through: floor,
             written: floor,
             at: None,
