@@ -2060,7 +2060,8 @@ async fn rebuild_benchmark(args: RebuildArgs) -> anyhow::Result<()> {
             "rebuild {projection}: {events} events in {secs:.2} s ({} events/s), {table_rows} rows",
             thousands(events as f64 / secs)
         );
-        rows.push((projection, events, secs, cpu, table_rows));
+        let paused = report.live_paused.as_secs_f64();
+        rows.push((projection, events, secs, paused, cpu, table_rows));
     }
     let total_secs = t_all.elapsed().as_secs_f64();
     let total_cpu = cpu_all.elapsed();
@@ -2129,14 +2130,17 @@ async fn rebuild_benchmark(args: RebuildArgs) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         r,
-        "| projection | events in its streams | rebuild seconds | events/s | rows rebuilt | CPU µs/event: this process / nats / postgres (live backends only) | CPU of exited processes (the rebuild's own Postgres backends, gone when it returns) and others |"
+        "| projection | events in its streams | rebuild seconds | of which the live checkpoints were locked (catch-up, verification, swap) | events/s | rows rebuilt | CPU µs/event: this process / nats / postgres (live backends only) | CPU of exited processes (the rebuild's own Postgres backends, gone when it returns) and others |"
     );
-    let _ = writeln!(r, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        r,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     let per = |s: f64, n: usize| s * 1e6 / n.max(1) as f64;
-    for (projection, events, secs, cpu, table_rows) in &rows {
+    for (projection, events, secs, paused, cpu, table_rows) in &rows {
         let _ = writeln!(
             r,
-            "| `{projection}` | {} | {secs:.2} | {} | {} | {:.1} / {:.1} / {:.1} | {:.2} s |",
+            "| `{projection}` | {} | {secs:.2} | {paused:.2} | {} | {} | {:.1} / {:.1} / {:.1} | {:.2} s |",
             thousands(*events as f64),
             thousands(*events as f64 / secs),
             thousands(*table_rows as f64),
@@ -2149,7 +2153,7 @@ async fn rebuild_benchmark(args: RebuildArgs) -> anyhow::Result<()> {
     let total_events: usize = rows.iter().map(|r| r.1).sum();
     let _ = writeln!(
         r,
-        "| all, one after another | {} | {total_secs:.2} | {} | | {:.1} / {:.1} / {:.1} | {:.2} s |\n",
+        "| all, one after another | {} | {total_secs:.2} | | {} | | {:.1} / {:.1} / {:.1} | {:.2} s |\n",
         thousands(total_events as f64),
         thousands(total_events as f64 / total_secs),
         per(total_cpu.own, total_events),

@@ -129,9 +129,10 @@ pub async fn run(conn: &Connection, command: ProjectionsCommand) -> anyhow::Resu
             match ops::rebuild(&config, projection, &mut print_progress).await {
                 Ok(report) => {
                     println!(
-                        "rebuilt {} in {:.1}s; verified and swapped; previous tables kept in schema {}",
+                        "rebuilt {} in {:.1}s; verified and swapped (the live projector's writes waited {:.2}s); previous tables kept in schema {}",
                         projection.name(),
                         report.elapsed.as_secs_f64(),
+                        report.live_paused.as_secs_f64(),
                         report.retired_schema
                     );
                     for (table, sum) in &report.tables {

@@ -360,6 +360,9 @@ pub struct RebuildReport {
     pub retired_schema: String,
     pub tables: BTreeMap<String, TableSum>,
     pub elapsed: Duration,
+    /// How long the live projector's writes waited on the rebuild: from locking the live checkpoints, through
+    /// the last catch-up and the verification, to the swap's commit. Reads were served throughout.
+    pub live_paused: Duration,
 }
 
 /// Why a rebuild did not swap.
@@ -507,8 +510,8 @@ fn recount_sql(projection: Projection) -> &'static str {
 
 /// Rebuilds a projection from the log into a shadow schema, catches up with the live projection, verifies
 /// row counts and checksums table by table, and swaps the tables in one transaction. The old tables are kept
-/// in a retired schema. The live projector pauses only for the final catch-up, verification and swap (its
-/// batches wait on the checkpoint lock); readers are never blocked longer than the swap's renames.
+/// in a retired schema. The live projector pauses only for the final catch-up (the frames it applied since the
+/// unlocked one), verification and swap (its batches wait on the checkpoint lock); readers are never blocked longer than the swap's renames.
 ///
 /// A rebuild that fails before the swap leaves nothing behind: its shadow schema is dropped and its durable
 /// consumers deleted, except after a failed verification, which keeps the shadow schema for inspection.
@@ -656,7 +659,8 @@ async fn build_verify_swap(
         }
     }
 
-    // 3: lock the live checkpoints (pausing the live projector), bring the shadow exactly to them, verify.
+    // 3: bring the shadow exactly to the live checkpoints, locked (pausing the live projector) for the last
+    // stretch and the verification.
     let shadow_ctx = Ctx {
         pool: shadow_pool.clone(),
         js: bus::Bus::connect(&config.bus_config("projector-rebuild"))
@@ -673,82 +677,25 @@ async fn build_verify_swap(
     let deadline = Instant::now() + config.rebuild_wait_for_live;
     let mut live = live_pool.get().await.map_err(anyhow::Error::from)?;
     loop {
-        let tx = live.transaction().await.map_err(anyhow::Error::from)?;
-        let live_cp = checkpoints(&*tx, projection, true).await?;
-        let shadow_client = shadow_pool.get().await.map_err(anyhow::Error::from)?;
-        let shadow_cp = checkpoints(&**shadow_client, projection, false).await?;
-        drop(shadow_client);
-        let ahead = shadow_ahead(
-            &shadow_ctx.js,
-            config.partitions,
-            projection,
-            &shadow_cp,
-            &live_cp,
-        )
-        .await
-        .map_err(anyhow::Error::from)?;
-        if ahead {
-            // The live projection has not yet applied what the shadow has: let it catch up.
-            tx.rollback().await.map_err(anyhow::Error::from)?;
+        // First without locks, so that the live projector is paused only for the last few frames: wait until
+        // it has applied what the shadow has, then bring the shadow up to where it is.
+        let live_cp = checkpoints(&**live, projection, false).await?;
+        if !catch_up_shadow(&shadow_ctx, config.partitions, projection, &live_cp).await? {
             if Instant::now() > deadline {
                 return Err(RebuildError::LiveBehind(config.rebuild_wait_for_live));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        for p in plan(&[projection], 1, config.partitions) {
-            let behind: Vec<(u16, u64, u64)> = p
-                .partitions
-                .iter()
-                .map(|&part| {
-                    let key = (p.stream, part);
-                    (
-                        part,
-                        shadow_cp.get(&key).copied().unwrap_or(0),
-                        live_cp.get(&key).copied().unwrap_or(0),
-                    )
-                })
-                .filter(|(_, s, l)| s < l)
-                .collect();
-            if behind.is_empty() {
-                continue;
-            }
-            let from = behind.iter().map(|b| b.1).min().unwrap_or(0) + 1;
-            let to = behind.iter().map(|b| b.2).max().unwrap_or(0);
-            let mut reader = RangeReader::open(
-                &shadow_ctx.js,
-                p.stream,
-                p.filter_subjects(),
-                from,
-                Some(to),
-            )
-            .await
-            .map_err(anyhow::Error::from)?;
-            loop {
-                let batch = reader
-                    .next_batch(config.batch_frames)
-                    .await
-                    .map_err(anyhow::Error::from)?;
-                if batch.is_empty() {
-                    break;
-                }
-                // Only frames the live projection has applied, partition by partition.
-                let wanted: Vec<_> = batch
-                    .into_iter()
-                    .filter(|f| {
-                        f.stream_sequence
-                            <= live_cp
-                                .get(&(p.stream, p.partition_of(&f.subject)))
-                                .copied()
-                                .unwrap_or(0)
-                    })
-                    .collect();
-                if !wanted.is_empty() {
-                    crate::worker::apply_batch(&shadow_ctx, &p, &wanted)
-                        .await
-                        .map_err(anyhow::Error::from)?;
-                }
-            }
+        // Then with the live checkpoints locked (the live projector waits; reads go on): the same, for the
+        // frames applied meanwhile, and the verification of exactly that state.
+        let tx = live.transaction().await.map_err(anyhow::Error::from)?;
+        let paused = Instant::now();
+        let live_cp = checkpoints(&*tx, projection, true).await?;
+        if !catch_up_shadow(&shadow_ctx, config.partitions, projection, &live_cp).await? {
+            // Only a reset of the live projection moves its checkpoints back: wait for it as above.
+            tx.rollback().await.map_err(anyhow::Error::from)?;
+            continue;
         }
         let live_sums = fingerprint(&*tx, &live_schema, projection.tables())
             .await
@@ -785,6 +732,7 @@ async fn build_verify_swap(
         );
         tx.batch_execute(&sql).await.map_err(anyhow::Error::from)?;
         tx.commit().await.map_err(anyhow::Error::from)?;
+        let live_paused = paused.elapsed();
         // Swapped: from here on nothing may fail the rebuild (and so discard its schema).
         if let Err(e) = delete_consumers(&shadow_ctx.js, projection, &prefix).await {
             tracing::warn!(%prefix, error = %e, "the rebuild's consumers were not deleted");
@@ -795,8 +743,79 @@ async fn build_verify_swap(
             retired_schema: retired,
             tables: shadow_sums,
             elapsed: started.elapsed(),
+            live_paused,
         });
     }
+}
+
+/// Brings the shadow exactly up to the live checkpoints `live_cp`: applies, partition by partition, the frames
+/// the live projection has applied and the shadow has not. `false`, with nothing applied, while the shadow
+/// holds frames the live projection has not applied yet.
+async fn catch_up_shadow(
+    shadow: &Ctx,
+    partitions: Partitions,
+    projection: Projection,
+    live_cp: &BTreeMap<(Stream, u16), u64>,
+) -> Result<bool, RebuildError> {
+    let shadow_cp = {
+        let client = shadow.pool.get().await.map_err(anyhow::Error::from)?;
+        checkpoints(&**client, projection, false).await?
+    };
+    if shadow_ahead(&shadow.js, partitions, projection, &shadow_cp, live_cp)
+        .await
+        .map_err(anyhow::Error::from)?
+    {
+        return Ok(false);
+    }
+    for p in plan(&[projection], 1, partitions) {
+        let behind: Vec<(u64, u64)> = p
+            .partitions
+            .iter()
+            .map(|&part| {
+                let key = (p.stream, part);
+                (
+                    shadow_cp.get(&key).copied().unwrap_or(0),
+                    live_cp.get(&key).copied().unwrap_or(0),
+                )
+            })
+            .filter(|(s, l)| s < l)
+            .collect();
+        if behind.is_empty() {
+            continue;
+        }
+        let from = behind.iter().map(|b| b.0).min().unwrap_or(0) + 1;
+        let to = behind.iter().map(|b| b.1).max().unwrap_or(0);
+        let mut reader =
+            RangeReader::open(&shadow.js, p.stream, p.filter_subjects(), from, Some(to))
+                .await
+                .map_err(anyhow::Error::from)?;
+        loop {
+            let batch = reader
+                .next_batch(shadow.batch_frames)
+                .await
+                .map_err(anyhow::Error::from)?;
+            if batch.is_empty() {
+                break;
+            }
+            // Only frames the live projection has applied, partition by partition.
+            let wanted: Vec<_> = batch
+                .into_iter()
+                .filter(|f| {
+                    f.stream_sequence
+                        <= live_cp
+                            .get(&(p.stream, p.partition_of(&f.subject)))
+                            .copied()
+                            .unwrap_or(0)
+                })
+                .collect();
+            if !wanted.is_empty() {
+                crate::worker::apply_batch(shadow, &p, &wanted)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Whether the shadow holds frames the live projection has not applied: a partition whose shadow checkpoint

@@ -831,6 +831,11 @@ async fn a_rebuild_verifies_and_swaps_while_the_live_projection_serves_reads() {
     );
     assert!(!phases.is_empty(), "progress was reported");
     assert_eq!(report.tables["tasks"].rows, 50);
+    // The live projector waited only for the locked end of the rebuild, not for the shadow build.
+    assert!(
+        report.live_paused > Duration::ZERO && report.live_paused < report.elapsed,
+        "{report:?}"
+    );
 
     // The live projector goes on writing into the swapped-in tables.
     publish(&env.bus, &events::sample::lifecycle(5, 1)).await;
