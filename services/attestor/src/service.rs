@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bus::{Bus, ConsumerSpec, Follower, FrameConsumer, Publisher, PublisherConfig};
+use bus::{Bus, ConsumeError, ConsumerSpec, Follower, FrameConsumer, Publisher, PublisherConfig};
 use events::attestations::{AttestationRejected, AttestationSubmitted, nonce_time};
 use events::{CodecConfig, Event, EventRecord, ProducerId, Stream, Timestamp, WorkerId};
 use sha2::{Digest, Sha256};
@@ -141,7 +141,8 @@ pub async fn run(
     let producer = ProducerId::new(config.instance.clone())
         .map_err(|_| AttestorError::Instance(config.instance.clone()))?;
     let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default())?;
-    let spec = ConsumerSpec::new(Stream::Attestations, DURABLE);
+    // Replicas take turns on the durable, each acking the frames it handled.
+    let spec = ConsumerSpec::new(Stream::Attestations, DURABLE).shared();
     let consumer = FrameConsumer::bind(&bus.jetstream, &spec).await?;
     let keys: Keys = Arc::default();
     let follower = Follower::open(&bus.jetstream, Stream::Workers, Vec::new(), 1).await?;
@@ -169,10 +170,31 @@ pub async fn run(
         fetcher: &fetcher,
     };
 
+    let mut backoff = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        let batch = tokio::select! {
+        let fetched = tokio::select! {
             () = cancel.cancelled() => break,
-            batch = consumer.fetch(config.batch_frames, config.fetch_wait) => batch?,
+            fetched = consumer.fetch(config.batch_frames, config.fetch_wait) => fetched,
+        };
+        let batch = match fetched {
+            Ok(batch) => {
+                backoff = Duration::from_millis(100);
+                batch
+            }
+            Err(e @ ConsumeError::NoStream { .. }) => return Err(e.into()),
+            Err(e) => {
+                // A restarting nats-server or a lost connection: try again. Frames delivered on the way and
+                // never received are not acked (each frame is acked on its own), so the server delivers them
+                // again after the ack wait.
+                tracing::warn!(error = %e, "fetching submissions failed; retrying");
+                metrics::counter!("cocoon_attestor_fetch_failures_total").increment(1);
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                };
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
         };
         if batch.is_empty() {
             continue;

@@ -27,6 +27,11 @@ pub struct ConsumerSpec {
     pub ack_wait: Duration,
     /// Frames delivered and not yet acked, at most.
     pub max_ack_pending: i64,
+    /// Several processes take turns on this durable (replicas of one service): each frame is acked on its
+    /// own (AckPolicy::Explicit), so that one process's ack never covers frames another received, and what
+    /// a process received and never acked is delivered again after `ack_wait`. Otherwise one process owns
+    /// the durable and acks a batch by its last frame (AckPolicy::All).
+    pub shared: bool,
 }
 
 impl ConsumerSpec {
@@ -38,7 +43,14 @@ impl ConsumerSpec {
             start: DeliverPolicy::All,
             ack_wait: DEFAULT_ACK_WAIT,
             max_ack_pending: 10_000,
+            shared: false,
         }
+    }
+
+    /// Replicas of one service take turns on the durable; see [`ConsumerSpec::shared`].
+    pub fn shared(mut self) -> Self {
+        self.shared = true;
+        self
     }
 
     pub fn filter_subjects(
@@ -61,6 +73,14 @@ impl ConsumerSpec {
         self
     }
 
+    fn ack_policy(&self) -> AckPolicy {
+        if self.shared {
+            AckPolicy::Explicit
+        } else {
+            AckPolicy::All
+        }
+    }
+
     fn config(&self) -> pull::Config {
         let (filter_subject, filter_subjects) = filters(&self.filter_subjects);
         pull::Config {
@@ -68,8 +88,9 @@ impl ConsumerSpec {
             filter_subject,
             filter_subjects,
             deliver_policy: self.start,
-            // One ack covers every earlier message: commit a batch, ack its last frame.
-            ack_policy: AckPolicy::All,
+            // One owner: one ack covers every earlier message (commit a batch, ack its last frame). Shared:
+            // each frame acked on its own.
+            ack_policy: self.ack_policy(),
             ack_wait: self.ack_wait,
             max_ack_pending: self.max_ack_pending,
             ..Default::default()
@@ -135,7 +156,9 @@ impl ReceivedFrame {
 #[derive(Debug)]
 pub struct FetchedBatch {
     pub frames: Vec<ReceivedFrame>,
-    last: Option<jetstream::Message>,
+    /// The messages to ack: the last one (AckAll), or every one (a shared durable).
+    acks: Vec<jetstream::Message>,
+    shared: bool,
     durable: String,
 }
 
@@ -144,11 +167,13 @@ impl FetchedBatch {
         self.frames.is_empty()
     }
 
-    /// Acks the last frame, which acks every frame of the batch (AckAll), and waits for the server's confirmation.
+    /// Acks the batch and waits for the server's confirmation: its last frame, which acks every frame of it
+    /// (AckAll), or each frame on a shared durable.
     pub async fn ack(self) -> Result<(), ConsumeError> {
-        match self.last {
+        let acked = futures_util::future::join_all(self.acks.iter().map(|m| m.double_ack())).await;
+        match acked.into_iter().find_map(Result::err) {
             None => Ok(()),
-            Some(message) => message.double_ack().await.map_err(|e| ConsumeError::Ack {
+            Some(e) => Err(ConsumeError::Ack {
                 durable: self.durable,
                 reason: e.to_string(),
             }),
@@ -215,13 +240,36 @@ pub struct FrameConsumer {
     stream: &'static str,
     durable: String,
     /// The consumer's delivery sequence of the last message received (each delivery, redeliveries too, takes
-    /// the next), or `u64::MAX` while unknown (bound to a durable that had delivered before).
+    /// the next). Not checked on a shared durable, whose other processes take deliveries too.
     last_delivery: AtomicU64,
+    shared: bool,
 }
 
 impl FrameConsumer {
-    /// Creates the durable consumer, or binds to it if it exists (its position is kept).
+    /// Creates the durable consumer, or binds to it if it exists. An existing durable goes on from where it
+    /// is, except that what it delivered and nobody acked is delivered again: a durable of one owner (AckAll)
+    /// that an earlier process received frames from and did not ack, or one created with another ack policy
+    /// than `spec`'s, is created again after its ack floor. (Otherwise the next batch's ack would cover
+    /// frames the dead process never finished.)
     pub async fn bind(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<Self, ConsumeError> {
+        let bound = Self::bind_as_is(js, spec).await?;
+        let info = bound.consumer.cached_info();
+        let unfinished = !spec.shared && info.num_ack_pending > 0;
+        if unfinished || info.config.ack_policy != spec.ack_policy() {
+            let floor = info.ack_floor.stream_sequence;
+            tracing::info!(durable = %spec.durable, after = floor, unacked = info.num_ack_pending,
+                "durable created again after its ack floor: it holds deliveries nobody acked, or another ack policy");
+            remove_durable(js, spec.stream, &spec.durable).await?;
+            return Self::bind_as_is(js, &spec.clone().start_after(floor)).await;
+        }
+        Ok(bound)
+    }
+
+    /// [`FrameConsumer::bind`] without looking at what the durable holds.
+    async fn bind_as_is(
+        js: &jetstream::Context,
+        spec: &ConsumerSpec,
+    ) -> Result<Self, ConsumeError> {
         let stream_name = spec.stream.name();
         let stream = stream_of(js, spec.stream).await?;
         let consumer = stream
@@ -232,14 +280,15 @@ impl FrameConsumer {
                 durable: spec.durable.clone(),
                 reason: e.to_string(),
             })?;
-        // A consumer that has delivered nothing yet starts at delivery 1; one that has may still have pull
-        // requests of an earlier process outstanding, so its first delivery here is taken as it comes.
+        // Deliveries go on from the durable's count: one taken by a pull request of an earlier process, still
+        // outstanding, is a gap, as it should be (nobody here saw it).
         let delivered = consumer.cached_info().delivered.consumer_sequence;
         Ok(Self {
             consumer,
             stream: stream_name,
             durable: spec.durable.clone(),
-            last_delivery: AtomicU64::new(if delivered == 0 { 0 } else { UNKNOWN_DELIVERY }),
+            last_delivery: AtomicU64::new(delivered),
+            shared: spec.shared,
         })
     }
 
@@ -253,7 +302,7 @@ impl FrameConsumer {
         // elects a leader) is returned: binding to the old durable would go on after frames it counts as
         // delivered, which the caller may never have seen.
         remove_durable(js, spec.stream, &spec.durable).await?;
-        Self::bind(js, spec).await
+        Self::bind_as_is(js, spec).await
     }
 
     pub fn durable(&self) -> &str {
@@ -285,6 +334,31 @@ impl FrameConsumer {
         let spec = spec.clone().start_after(floor);
         *self = Self::recreate(js, &spec).await?;
         Ok(floor)
+    }
+
+    /// [`Self::rewind_to_ack_floor`] after waiting `backoff`, retried (the wait doubling up to 5 s) until it
+    /// succeeds or the stream is gone ([`ConsumeError::NoStream`]). `backoff` is left at the next wait; the
+    /// caller resets it once fetches succeed again. Cancel it by dropping the future.
+    pub async fn rewind_to_ack_floor_retrying(
+        &mut self,
+        js: &jetstream::Context,
+        spec: &ConsumerSpec,
+        backoff: &mut Duration,
+    ) -> Result<u64, ConsumeError> {
+        loop {
+            tokio::time::sleep(*backoff).await;
+            *backoff = (*backoff * 2).min(Duration::from_secs(5));
+            match self.rewind_to_ack_floor(js, spec).await {
+                Ok(floor) => {
+                    tracing::info!(durable = %spec.durable, after = floor, "consumer rewound to its ack floor");
+                    return Ok(floor);
+                }
+                Err(e @ ConsumeError::NoStream { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(durable = %spec.durable, error = %e, "rewinding the consumer failed; retrying")
+                }
+            }
+        }
     }
 
     /// Frames the server holds for this durable beyond what it has delivered. More than zero while fetches
@@ -326,7 +400,8 @@ impl FrameConsumer {
     ) -> Result<FetchedBatch, ConsumeError> {
         let mut batch = FetchedBatch {
             frames: Vec::with_capacity(max_frames),
-            last: None,
+            acks: Vec::new(),
+            shared: self.shared,
             durable: self.durable.clone(),
         };
         self.pull(&mut batch, max_frames, None).await?;
@@ -374,7 +449,7 @@ impl FrameConsumer {
                 .map_err(|e| ConsumeError::Metadata(e.to_string()))?
                 .consumer_sequence;
             let last = self.last_delivery.swap(delivery, Ordering::Relaxed);
-            if last != UNKNOWN_DELIVERY && delivery != last + 1 {
+            if !self.shared && delivery != last + 1 {
                 return Err(ConsumeError::Gap {
                     durable: self.durable.clone(),
                     expected_after: last,
@@ -382,14 +457,14 @@ impl FrameConsumer {
                 });
             }
             batch.frames.push(received_frame(&message)?);
-            batch.last = Some(message);
+            if !batch.shared {
+                batch.acks.clear();
+            }
+            batch.acks.push(message);
         }
         Ok(())
     }
 }
-
-/// [`FrameConsumer::last_delivery`] before the first delivery of a durable bound mid-way.
-const UNKNOWN_DELIVERY: u64 = u64::MAX;
 
 fn ordered_err(stream: Stream, e: &dyn std::fmt::Display) -> ConsumeError {
     ConsumeError::Consumer {

@@ -570,6 +570,104 @@ async fn a_delivery_the_consumer_never_received_is_a_gap() {
     }
 }
 
+/// Publishes `n` frames of one event each on one subject of TASKS, in stream sequences 1..=n.
+async fn publish_frames(bus: &Bus, n: usize) {
+    let publisher = Publisher::new(bus.jetstream.clone(), PublisherConfig::default()).unwrap();
+    for r in same_subject_records(n) {
+        drop(publisher.publish(&r).await.unwrap());
+        publisher.flush().await.unwrap();
+    }
+}
+
+fn sequences(batch: &bus::FetchedBatch) -> Vec<u64> {
+    batch.frames.iter().map(|f| f.stream_sequence).collect()
+}
+
+/// A process that received frames and died before acking them: the next process bound to the durable gets
+/// them again first. (Otherwise its first ack, covering every earlier frame, would ack them unseen.)
+#[tokio::test]
+async fn frames_a_dead_process_never_acked_come_first_to_the_next_one() {
+    let server = NatsServer::start().await;
+    let bus = bus(&server).await;
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    publish_frames(&bus, 5).await;
+    let spec = ConsumerSpec::new(Stream::Tasks, "restarted");
+    let first = FrameConsumer::bind(&bus.jetstream, &spec).await.unwrap();
+    let done = first.fetch(1, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(sequences(&done), vec![1]);
+    done.ack().await.unwrap();
+    let unfinished = first.fetch(2, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(sequences(&unfinished), vec![2, 3]);
+    drop((unfinished, first)); // died before committing 2 and 3
+
+    let next = FrameConsumer::bind(&bus.jetstream, &spec).await.unwrap();
+    let batch = next.fetch(10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(sequences(&batch), vec![2, 3, 4, 5]);
+    batch.ack().await.unwrap();
+    // Bound again with nothing unacked: it goes on where it was.
+    publish_frames(&bus, 1).await;
+    let after = FrameConsumer::bind(&bus.jetstream, &spec).await.unwrap();
+    assert_eq!(
+        sequences(&after.fetch(10, Duration::from_secs(2)).await.unwrap()),
+        vec![6]
+    );
+}
+
+/// Replicas of a service on one shared durable: each takes its own frames without seeing the other's as a
+/// gap, each ack covers only its own frames, and what a replica took and never acked goes to another after
+/// the ack wait. A durable made for one owner (AckAll) is made shared after its ack floor when a replica binds.
+#[tokio::test]
+async fn replicas_on_a_shared_durable_ack_only_their_own_frames() {
+    let server = NatsServer::start().await;
+    let bus = bus(&server).await;
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    publish_frames(&bus, 5).await;
+    // An older deployment's durable, of one owner, that acked frame 1.
+    let owned = ConsumerSpec::new(Stream::Tasks, "replicas");
+    let old = FrameConsumer::bind(&bus.jetstream, &owned).await.unwrap();
+    let batch = old.fetch(1, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(sequences(&batch), vec![1]);
+    batch.ack().await.unwrap();
+    drop(old);
+
+    let spec = ConsumerSpec {
+        ack_wait: Duration::from_millis(500),
+        ..ConsumerSpec::new(Stream::Tasks, "replicas").shared()
+    };
+    let a = FrameConsumer::bind(&bus.jetstream, &spec).await.unwrap();
+    let b = FrameConsumer::bind(&bus.jetstream, &spec).await.unwrap();
+    let taken_by_a = a.fetch(2, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(sequences(&taken_by_a), vec![2, 3]);
+    let taken_by_b = b.fetch(1, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(sequences(&taken_by_b), vec![4]);
+    taken_by_b.ack().await.unwrap();
+    drop((taken_by_a, a)); // replica a died before acking 2 and 3
+
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while got.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "got only {got:?}");
+        let batch = b.fetch(10, Duration::from_millis(500)).await.unwrap();
+        got.extend(sequences(&batch));
+        batch.ack().await.unwrap();
+    }
+    got.sort_unstable();
+    assert_eq!(got, vec![2, 3, 5], "b's ack of 4 did not ack a's 2 and 3");
+    let info = bus
+        .jetstream
+        .get_stream(Stream::Tasks.name())
+        .await
+        .unwrap()
+        .consumer_info("replicas")
+        .await
+        .unwrap();
+    assert_eq!(
+        info.config.ack_policy,
+        async_nats::jetstream::consumer::AckPolicy::Explicit
+    );
+    assert_eq!(info.num_ack_pending, 0);
+}
+
 #[tokio::test]
 async fn undecodable_frames_come_back_as_typed_errors() {
     let server = NatsServer::start().await;

@@ -447,20 +447,11 @@ async fn consume(
                 // Frames of the failed fetch may be lost on the way while the server counts them delivered;
                 // the next batch's ack would cover them. Deliver again after what was acked: the ledger
                 // recognises allocations seen before.
-                loop {
-                    tokio::select! {
-                        () = cancel.cancelled() => return None,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    match consumer.rewind_to_ack_floor(&bus.jetstream, spec).await {
-                        Ok(floor) => {
-                            tracing::info!(worker = %agent.config.worker_id, after = floor, "allocations consumer rewound");
-                            break;
-                        }
-                        Err(e @ ConsumeError::NoStream { .. }) => return Some(e),
-                        Err(e) => {
-                            tracing::warn!(worker = %agent.config.worker_id, error = %e, "rewinding the allocations consumer failed; retrying")
+                tokio::select! {
+                    () = cancel.cancelled() => return None,
+                    rewound = consumer.rewind_to_ack_floor_retrying(&bus.jetstream, spec, &mut backoff) => {
+                        if let Err(e) = rewound {
+                            return Some(e);
                         }
                     }
                 }
