@@ -575,6 +575,7 @@ impl Settler {
                 };
                 let seqno = s.prepared.wallet_seqno;
                 let hash = s.prepared.message_hash.clone();
+                let body = crate::wallet::external_body_hash(&s.prepared.signed_message);
                 let limit = self.config.search_limit;
                 chain.spawn(async move {
                     // One snapshot of the wallet (its seqno, in its data, and the chain time of that state),
@@ -582,7 +583,7 @@ impl Settler {
                     // never taken for expired.
                     let found = match ton.account(&address).await {
                         Err(e) => Err(("reading the pool wallet", e)),
-                        Ok(snapshot) => search(&ton, &address, seqno, &hash, limit)
+                        Ok(snapshot) => search(&ton, &address, seqno, &hash, body, limit)
                             .await
                             .map(|found| (snapshot, found))
                             .map_err(|e| ("searching the wallet's transactions", e)),
@@ -958,6 +959,10 @@ enum Fenced {
 /// Looks for the settlement's message among the wallet's transactions, newest first, down to the one
 /// that used its seqno (or an older one).
 ///
+/// The message is the one with `message_hash`, or any external message with the same signed body
+/// (`body_hash`): whoever relays a message may lay it out anew (the body inline instead of in a reference),
+/// which changes its hash but executes the very same transfers. Only another body with the seqno used it up.
+///
 /// Pages start small and double: the message sought is almost always among the newest few transactions
 /// (one settlement is in flight at a time), and a wallet transaction of 255 transfers is about 100 KB of
 /// JSON, so 50 of them overflow the HTTP client's response bound. A page that overflows it is asked again
@@ -967,6 +972,7 @@ async fn search(
     address: &str,
     n: u32,
     message_hash: &str,
+    body_hash: Option<[u8; 32]>,
     search_limit: u32,
 ) -> Result<Search, TonError> {
     let mut from: Option<(u64, String)> = None;
@@ -1014,8 +1020,14 @@ async fn search(
                 .flatten();
             match used {
                 Some((seqno, _)) if seqno == n => {
-                    return Ok(Search::UsedBy {
-                        tx_hash: tx.hash_hex(),
+                    let theirs = tx.in_msg_body.as_deref().and_then(crate::wallet::body_hash);
+                    return Ok(match (body_hash, theirs) {
+                        (Some(ours), Some(theirs)) if ours == theirs => Search::Found(tx.clone()),
+                        (Some(_), Some(_)) => Search::UsedBy {
+                            tx_hash: tx.hash_hex(),
+                        },
+                        // Cannot tell whether it was ours: never take it for another message.
+                        _ => Search::Inconclusive,
                     });
                 }
                 // Older than any message with this seqno could be.

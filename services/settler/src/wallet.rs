@@ -11,6 +11,8 @@ use num_bigint::BigUint;
 use tonlib_core::TonAddress;
 use tonlib_core::cell::{BagOfCells, CellBuilder};
 use tonlib_core::message::{CommonMsgInfo, InternalMessage, TonMessage, TransferMessage};
+use tonlib_core::tlb_types::block::message::Message;
+use tonlib_core::tlb_types::tlb::TLB;
 use tonlib_core::wallet::mnemonic::{KeyPair, Mnemonic};
 use tonlib_core::wallet::ton_wallet::TonWallet;
 use tonlib_core::wallet::wallet_version::WalletVersion;
@@ -257,6 +259,24 @@ pub fn signed_request_seqno(body_boc_base64: &str) -> Option<(u32, u32)> {
     Some((seqno, valid_until))
 }
 
+/// The hash of the signed body of an external message (a bag of cells): what the wallet's signature covers.
+/// Unlike the message's own hash it does not depend on how the message around the body is laid out: anyone
+/// relaying the message may move the body inline or into a reference (or change the source or import fee),
+/// which changes the message's hash but not what executes (TEP-467). `None` when the bytes are no message.
+pub fn external_body_hash(message_boc: &[u8]) -> Option<[u8; 32]> {
+    let message = Message::from_boc(message_boc).ok()?;
+    Some(tonlib_core::cell::Cell::cell_hash(&message.body.value).into())
+}
+
+/// The hash of a message body given as a base64 bag of cells (the API's `msg_data.body`).
+pub fn body_hash(body_boc_base64: &str) -> Option<[u8; 32]> {
+    let root = BagOfCells::parse_base64(body_boc_base64)
+        .ok()?
+        .single_root()
+        .ok()?;
+    Some(tonlib_core::cell::Cell::cell_hash(&root).into())
+}
+
 /// Two addresses name the same account (whatever their flags or form).
 pub fn same_account(a: &str, b: &str) -> bool {
     match (TonAddress::from_str(a), TonAddress::from_str(b)) {
@@ -322,6 +342,45 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(PoolKey::from_file(&path).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_message_laid_out_anew_keeps_its_body_hash_but_not_its_hash() {
+        use tonlib_core::tlb_types::primitives::either::EitherRefLayout;
+        let wallet = PoolWallet::new(&PoolKey::from_seed(&[3; 32])).unwrap();
+        let to = wallet.address();
+        for with_state_init in [false, true] {
+            let signed = wallet
+                .sign_transfers(7, 1_900_000_000, &[(&to, 5)], with_state_init)
+                .unwrap();
+            let mut relaid = Message::from_boc(&signed.boc).unwrap();
+            // Ours carries the body inline; a relay may move it into a reference.
+            assert_eq!(relaid.body.layout, EitherRefLayout::ToCell);
+            relaid.body.layout = EitherRefLayout::ToRef;
+            let relaid_boc = relaid.to_boc(true).unwrap();
+            let relaid_hash: [u8; 32] = relaid.to_cell().unwrap().cell_hash().into();
+            assert_ne!(
+                relaid_hash, signed.hash,
+                "another layout, another message hash"
+            );
+            let body = external_body_hash(&signed.boc).unwrap();
+            assert_eq!(external_body_hash(&relaid_boc), Some(body));
+            let body_boc = BagOfCells::from_root(
+                Message::from_boc(&signed.boc)
+                    .unwrap()
+                    .body
+                    .value
+                    .as_ref()
+                    .clone(),
+            )
+            .serialize(true)
+            .unwrap();
+            use base64::Engine as _;
+            let body_b64 = base64::engine::general_purpose::STANDARD.encode(body_boc);
+            assert_eq!(body_hash(&body_b64), Some(body));
+            assert_eq!(signed_request_seqno(&body_b64).map(|s| s.0), Some(7));
+        }
+        assert_eq!(external_body_hash(b"not a message"), None);
     }
 
     #[test]

@@ -737,6 +737,72 @@ async fn a_message_whose_seqno_another_message_used_is_rebuilt_and_paid_once() {
     env.assert_books_balance().await;
 }
 
+/// Whoever relays an external message may lay it out anew (here: the body moved into a reference), which
+/// changes its hash but executes the very same signed transfers. The settler recognises its message by the
+/// signed body: the settlement is confirmed, never expired and paid a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_relayed_in_another_layout_is_recognised_and_paid_once() {
+    use tonlib_core::tlb_types::block::message::Message;
+    use tonlib_core::tlb_types::primitives::either::EitherRefLayout;
+    use tonlib_core::tlb_types::tlb::TLB;
+
+    let mut env = Env::start(100 * TON).await;
+    let w = env.register("r1", 1_000_000, None).await;
+    let task = env.complete(&w, 1_000_000, 4_000).await;
+    // The settler's own sends are lost, and it does not resend for a long while.
+    env.ton.set_drop_externals(true).await;
+    let mut config = test_config();
+    config.resend_interval = Duration::from_secs(600);
+    let running = env.spawn(config);
+    eventually("the settlement is sent", || async {
+        env.payments()
+            .await
+            .iter()
+            .any(|e| matches!(e, Event::SettlementSubmitted(_)))
+    })
+    .await;
+    let first = prepared(&env.payments().await)[0].clone();
+    // A relay hands the chain the same signed body in another layout.
+    let mut relaid = Message::from_boc(&first.signed_message).unwrap();
+    relaid.body.layout = match relaid.body.layout {
+        EitherRefLayout::ToCell => EitherRefLayout::ToRef,
+        _ => EitherRefLayout::ToCell,
+    };
+    let relaid_boc = relaid.to_boc(true).unwrap();
+    let relaid_hash: [u8; 32] = relaid.cell_hash().unwrap().into();
+    let relaid_hash = settler::wallet::hex(&relaid_hash);
+    assert_ne!(
+        relaid_hash, first.message_hash,
+        "the relayed message has another hash"
+    );
+    env.ton.set_drop_externals(false).await;
+    assert!(matches!(
+        env.toncenter().send_boc(&relaid_boc).await.unwrap(),
+        settler::toncenter::SendOutcome::Accepted { .. }
+    ));
+    eventually("the settlement is confirmed", || async {
+        !confirmations(&env.payments().await).is_empty()
+    })
+    .await;
+    env.wait_all_paid().await;
+    running.stop().await;
+    let payments = env.payments().await;
+    assert!(
+        !payments
+            .iter()
+            .any(|e| matches!(e, Event::SettlementExpired(_))),
+        "nothing expired: {payments:?}"
+    );
+    assert_eq!(prepared(&payments).len(), 1, "one batch, paid once");
+    assert_eq!(
+        confirmations(&payments)[0].settlement_id,
+        first.settlement_id
+    );
+    assert_eq!(first.payouts[0].task_ids, vec![task]);
+    assert_eq!(env.received_by(&w).await.0, env.earned[&w], "paid once");
+    env.assert_books_balance().await;
+}
+
 /// A v7 task id minted `ago` before now.
 fn task_minted_ago(ago: Duration) -> TaskId {
     let now = std::time::SystemTime::now()
