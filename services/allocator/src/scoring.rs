@@ -71,11 +71,12 @@ pub fn base(w: &WorkerLoad<'_>) -> ScoreBreakdown {
             / w.gpus.len() as f64
     };
     let load = 1.0 - 0.5 * slots - 0.5 * utilization;
-    let total_mib: u64 = w.gpus.iter().map(|g| g.memory_total_mib).sum();
-    let memory = if total_mib == 0 {
+    // In f64: the sizes come from the worker's registration, and a sum of u64s could overflow.
+    let total_mib: f64 = w.gpus.iter().map(|g| g.memory_total_mib as f64).sum();
+    let memory = if total_mib == 0.0 {
         0.0
     } else {
-        w.gpus.iter().map(|g| g.free_mib()).sum::<u64>() as f64 / total_mib as f64
+        w.gpus.iter().map(|g| g.free_mib() as f64).sum::<f64>() / total_mib
     };
     let history = w.mean_task_ms.map_or(UNKNOWN, |ms| {
         HISTORY_HALF_SECONDS / (HISTORY_HALF_SECONDS + ms.max(0.0) / 1000.0)
@@ -244,6 +245,14 @@ mod tests {
             gpu_memory_mib: mib,
             model_tag: tag.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn absurd_memory_sizes_from_a_registration_score_without_overflow() {
+        let gpus = [gpu(0, u64::MAX, 0, 0, 0), gpu(1, u64::MAX, 0, 0, 0)];
+        let s = base(&load(&gpus, 0));
+        assert!((s.memory - 1.0).abs() < 1e-12, "{s:?}");
+        assert!(s.total.is_finite(), "{s:?}");
     }
 
     #[test]

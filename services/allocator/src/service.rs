@@ -312,6 +312,14 @@ pub async fn run(
     };
 
     helpers.cancel();
+    if let Err(e @ AllocatorError::LeaseLapsed { .. }) = &result {
+        // Fenced out: what is still queued (in the publisher, or in the client while it reconnects) must not
+        // be stored now that another instance may hold the lease. Return at once, neither flushing nor
+        // giving up the lease (it is no longer ours); the process exits and the queue goes with it.
+        tracing::error!(error = %e, "fenced out: dropping the decisions not yet stored");
+        lease_task.abort();
+        return result.map(|()| report);
+    }
     let _ = publisher.flush().await;
     if let Ok(mut lease) = lease_task.await {
         lease.release().await;
