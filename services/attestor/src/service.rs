@@ -110,6 +110,9 @@ pub enum AttestorError {
     Instance(String),
     #[error(transparent)]
     Consume(#[from] bus::ConsumeError),
+    /// WORKERS can no longer be followed: without the registrations, submissions cannot be checked.
+    #[error("following the workers' registrations failed: {0}")]
+    Registrations(bus::ConsumeError),
     #[error(transparent)]
     Publish(#[from] bus::PublishError),
 }
@@ -128,8 +131,15 @@ pub struct AttestorReport {
     pub collateral_fetch_failures: u64,
 }
 
-/// Registered public keys by worker, from WORKERS.
-type Keys = Arc<Mutex<HashMap<WorkerId, Vec<u8>>>>;
+/// Registered public keys by worker, from WORKERS, and how far WORKERS has been read.
+type Keys = Arc<Mutex<KeyBook>>;
+
+#[derive(Debug, Default)]
+struct KeyBook {
+    keys: HashMap<WorkerId, Vec<u8>>,
+    /// The stream sequence of the last WORKERS frame applied.
+    applied: u64,
+}
 
 /// Runs until `cancel`; the batch in flight is finished first.
 pub async fn run(
@@ -148,7 +158,8 @@ pub async fn run(
     let follower = Follower::open(&bus.jetstream, Stream::Workers, Vec::new(), 1).await?;
     let stop_keys = CancellationToken::new();
     let _stop_keys_on_drop = stop_keys.clone().drop_guard();
-    tokio::spawn(follow_keys(follower, keys.clone(), stop_keys.clone()));
+    // Without registrations every new key would be refused: the run ends with the follower.
+    let mut following = tokio::spawn(follow_keys(follower, keys.clone(), stop_keys.clone()));
 
     let semaphore = Semaphore::new(config.concurrency.max(1));
     let cache = Mutex::new(VerdictCache::new(
@@ -167,6 +178,7 @@ pub async fn run(
         semaphore: &semaphore,
         cache: &cache,
         keys: &keys,
+        bus: &bus,
         fetcher: &fetcher,
     };
 
@@ -174,6 +186,11 @@ pub async fn run(
     while !cancel.is_cancelled() {
         let fetched = tokio::select! {
             () = cancel.cancelled() => break,
+            ended = &mut following => return Err(match ended {
+                Ok(Err(e)) => AttestorError::Registrations(e),
+                Ok(Ok(())) => AttestorError::Registrations(ConsumeError::NoStream { stream: Stream::Workers.name() }),
+                Err(e) => AttestorError::Registrations(ConsumeError::Metadata(format!("the registrations task failed: {e}"))),
+            }),
             fetched = consumer.fetch(config.batch_frames, config.fetch_wait) => fetched,
         };
         let batch = match fetched {
@@ -280,6 +297,7 @@ struct Ctx<'a> {
     semaphore: &'a Semaphore,
     cache: &'a Mutex<VerdictCache>,
     keys: &'a Keys,
+    bus: &'a Bus,
     fetcher: &'a Fetcher,
 }
 
@@ -493,30 +511,41 @@ impl Ctx<'_> {
             }
             *last = made;
         }
+        // A worker registers (with a new key on every start) just before it submits, and the registrations
+        // are read beside the submissions: a key not (yet) the registered one is refused only once WORKERS
+        // has been read up to where it ended when this check began, or after `registration_wait`.
         let deadline = tokio::time::Instant::now() + self.config.registration_wait;
+        let mut head: Option<u64> = None;
         loop {
-            let registered = self
-                .keys
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&s.worker_id)
-                .cloned();
-            match registered {
-                Some(key) if key == s.public_key => return Ok(()),
-                Some(_) => {
-                    return Err(
-                        "the submitted public key is not the key the worker registered".into(),
-                    );
+            let (registered, applied) = {
+                let book = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+                (book.keys.get(&s.worker_id).cloned(), book.applied)
+            };
+            if registered.as_deref() == Some(s.public_key.as_slice()) {
+                return Ok(());
+            }
+            if head.is_none() {
+                match bus::last_sequence(&self.bus.jetstream, Stream::Workers).await {
+                    Ok(h) => head = Some(h),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the head of WORKERS failed; waiting")
+                    }
                 }
-                None if tokio::time::Instant::now() >= deadline => {
-                    return Err(format!(
+            }
+            let read_up = head.is_some_and(|h| applied >= h);
+            if read_up || tokio::time::Instant::now() >= deadline {
+                return Err(match registered {
+                    Some(_) => {
+                        "the submitted public key is not the key the worker registered".into()
+                    }
+                    None => format!(
                         "worker {} has not registered (no WorkerRegistered within {} s)",
                         s.worker_id,
                         self.config.registration_wait.as_secs()
-                    ));
-                }
-                None => tokio::time::sleep(Duration::from_millis(50)).await,
+                    ),
+                });
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -595,29 +624,35 @@ fn rejection(s: &AttestationSubmitted, reason: String) -> Event {
     .into()
 }
 
-async fn follow_keys(mut follower: Follower, keys: Keys, stop: CancellationToken) {
+/// Follows WORKERS into `keys` until `stop`; an error when it can no longer be read.
+async fn follow_keys(
+    mut follower: Follower,
+    keys: Keys,
+    stop: CancellationToken,
+) -> Result<(), ConsumeError> {
     let codec = CodecConfig::default();
     loop {
         let next = tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => return Ok(()),
             next = follower.next() => next,
         };
         let frame = match next {
             Some(Ok(frame)) => frame,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "reading WORKERS failed; registrations are no longer followed");
-                return;
+            Some(Err(e)) => return Err(e),
+            None if stop.is_cancelled() => return Ok(()),
+            None => {
+                return Err(ConsumeError::NoStream {
+                    stream: Stream::Workers.name(),
+                });
             }
-            None => return,
         };
-        let Ok(records) = frame.decode(&codec) else {
-            continue;
-        };
-        let mut keys = keys.lock().unwrap_or_else(|p| p.into_inner());
+        let records = frame.decode(&codec).unwrap_or_default();
+        let mut book = keys.lock().unwrap_or_else(|p| p.into_inner());
         for r in records {
             if let Event::WorkerRegistered(w) = r.event {
-                keys.insert(w.worker_id, w.public_key);
+                book.keys.insert(w.worker_id, w.public_key);
             }
         }
+        book.applied = book.applied.max(frame.stream_sequence);
     }
 }

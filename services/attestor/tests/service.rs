@@ -360,6 +360,66 @@ async fn a_failed_fetch_rejects_the_submission_but_not_the_next_one() {
     );
 }
 
+/// A worker registers a new key on every start and submits right after; the attestor reads registrations
+/// beside submissions, and may see the submission while its WORKERS reader is still behind (here: behind
+/// thousands of other registrations, read from the start after a restart). It waits until it has read
+/// WORKERS as far as it went when the submission came, instead of refusing the new key as not registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_registered_just_before_the_submission_is_waited_for() {
+    let (_server, bus, publisher) = start().await;
+    register(&publisher, "w-restarted", vec![1u8; 32]).await;
+    let many = Publisher::new(
+        bus.jetstream.clone(),
+        PublisherConfig {
+            max_events: 1,
+            ..PublisherConfig::default()
+        },
+    )
+    .unwrap();
+    for i in 0..5_000 {
+        let record = EventRecord::new(
+            ProducerId::new("test").unwrap(),
+            WorkerRegistered {
+                worker_id: WorkerId::new(format!("w-other-{i}")).unwrap(),
+                gpus: vec![],
+                price_per_gpu_second: Nanoton(1),
+                payout_address: "UQ".into(),
+                region: "local".into(),
+                max_concurrent_tasks: 1,
+                public_key: vec![3; 32],
+                agent_version: "test".into(),
+                model_tags: vec![],
+            },
+        );
+        drop(many.publish(&record).await.unwrap());
+    }
+    many.flush().await.unwrap();
+    // The worker restarted with a new key, and submits with it.
+    let new_key = vec![2u8; 32];
+    register(&publisher, "w-restarted", new_key.clone()).await;
+    publish(
+        &publisher,
+        submission("w-restarted", good_quote(), new_key, Timestamp::now()),
+    )
+    .await;
+
+    let cancel = CancellationToken::new();
+    let service = tokio::spawn(attestor::run(
+        bus.clone(),
+        verifier(),
+        AttestorConfig {
+            registration_wait: Duration::from_secs(30),
+            ..config()
+        },
+        cancel.clone(),
+    ));
+    let got = wait_for_verdicts(&bus, 1).await;
+    assert_eq!(got, vec![("w-restarted".to_string(), true, String::new())]);
+    cancel.cancel();
+    let report = service.await.unwrap().unwrap();
+    assert_eq!((report.verified, report.refused), (1, 0), "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_attested_worker_gets_tasks() {
     let (_server, bus, publisher) = start().await;
