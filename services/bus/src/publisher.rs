@@ -96,6 +96,20 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// Publishing the same event again cannot succeed: it does not fit in a frame, cannot be encoded, or the
+    /// server refuses it (permissions, limits). Timeouts, a missing stream and a closed publisher may pass.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            PublishError::TooLarge { .. }
+            | PublishError::Rejected { .. }
+            | PublishError::Encode(_) => true,
+            PublishError::Failed { first, .. } => first.is_permanent(),
+            PublishError::NoStream { .. }
+            | PublishError::TimedOut { .. }
+            | PublishError::Closed => false,
+        }
+    }
+
     fn from_nats(subject: &str, e: &jetstream::context::PublishError) -> Self {
         use jetstream::context::PublishErrorKind as K;
         let subject = subject.to_owned();

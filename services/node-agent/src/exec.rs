@@ -18,8 +18,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// Default stdout capture limit: 1 MiB.
-pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+/// Default stdout capture limit: 960 KiB, so that an output that does not compress still fits, with the
+/// result's other fields, in a frame (1 MiB). A larger limit is allowed (compressible outputs fit), but an
+/// output whose result does not fit fails the attempt (permanently) instead of completing it.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 960 * 1024;
 /// Default stderr tail kept for failure reasons: 4 KiB.
 pub const DEFAULT_STDERR_TAIL_BYTES: usize = 4 * 1024;
 

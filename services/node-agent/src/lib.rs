@@ -699,15 +699,34 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
                     attempt: allocation.attempt,
                     usage,
                 };
-                // The result goes first, so a reader that sees the completion finds the output stored.
-                for record in [
-                    agent.caused_by(&cause, result),
-                    agent.caused_by(&cause, completed),
-                ] {
-                    receipts.push((record.clone(), agent.publish(record).await));
+                // The result is stored before the completion is published: a reader that sees the completion
+                // finds the output, and a result that cannot be stored (an output that does not fit in a frame
+                // once encoded) fails the attempt instead of completing it without one.
+                let result = agent.caused_by(&cause, result);
+                let first = agent.publisher.publish(&result).await;
+                match store_outcome(&agent, &allocation, &result, first).await {
+                    Ok(()) => {
+                        let completed = agent.caused_by(&cause, completed);
+                        receipts.push((completed.clone(), agent.publish(completed).await));
+                        agent.lock().report.tasks_completed += 1;
+                        ::metrics::counter!(metrics::TASKS_COMPLETED).increment(1);
+                    }
+                    Err(e) => {
+                        let reason = format!("the task's result could not be stored: {e}");
+                        // Another run would make the same output; a store that kept failing may not.
+                        let failure = if e.is_permanent() {
+                            TaskFailure::permanent(reason)
+                        } else {
+                            TaskFailure::retryable(reason)
+                        };
+                        tracing::warn!(%worker, task = %allocation.task_id, attempt = allocation.attempt, reason = %failure.reason,
+                            event_id = %cause.event_id, correlation_id = %cause.correlation_id, "task ran, but its result is not stored; reporting it failed");
+                        agent.count_failure(&failure, false);
+                        let failed =
+                            agent.caused_by(&cause, agent.task_failed(&allocation, &failure));
+                        receipts.push((failed.clone(), agent.publish(failed).await));
+                    }
                 }
-                agent.lock().report.tasks_completed += 1;
-                ::metrics::counter!(metrics::TASKS_COMPLETED).increment(1);
             }
             ExecOutcome::Failed(failure) => {
                 tracing::info!(%worker, task = %allocation.task_id, attempt = allocation.attempt, reason = %failure.reason, retryable = failure.retryable,
@@ -730,30 +749,45 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
     // The slot frees before the acks come back: the events are in the publisher, and its flush (at the
     // latest on shutdown) reports any that failed.
     drop(permit);
-    // An outcome that is not stored would leave the task to its timeout and a second run: publish it
-    // again (same event, same id; readers apply it once) a few times before giving up.
     for (record, receipt) in receipts {
-        let mut stored = match receipt {
-            Some(receipt) => receipt.await.map(|_| ()).map_err(|e| e.to_string()),
-            None => Err("not accepted by the publisher".to_owned()),
-        };
-        let mut backoff = Duration::from_millis(500);
-        for _ in 0..OUTCOME_RETRIES {
-            let Err(e) = &stored else { break };
-            tracing::warn!(%worker, task = %allocation.task_id, kind = record.event.kind(),
-                event_id = %record.envelope.event_id, error = %e, "task event not stored; publishing it again");
-            tokio::time::sleep(backoff).await;
-            backoff *= 2;
-            stored = match agent.publisher.publish(&record).await {
-                Ok(receipt) => receipt.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-        }
-        if let Err(e) = stored {
+        let first = receipt.ok_or(PublishError::Closed);
+        if let Err(e) = store_outcome(&agent, &allocation, &record, first).await {
             tracing::error!(%worker, task = %allocation.task_id, kind = record.event.kind(),
                 event_id = %record.envelope.event_id, error = %e, "task event not stored; giving up");
         }
     }
+}
+
+/// Waits until `record`, published once (`first`), is stored. An outcome that is not stored would leave the
+/// task to its timeout and a second run: a failure is published again (same event, same id; readers apply
+/// it once) a few times, unless it is permanent (the event cannot be encoded into a frame, or the server
+/// refuses it).
+async fn store_outcome(
+    agent: &Agent,
+    allocation: &TaskAllocated,
+    record: &EventRecord,
+    first: Result<Receipt, PublishError>,
+) -> Result<(), PublishError> {
+    let mut stored = match first {
+        Ok(receipt) => receipt.await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let mut backoff = Duration::from_millis(500);
+    for _ in 0..OUTCOME_RETRIES {
+        let Err(e) = &stored else { break };
+        if e.is_permanent() {
+            break;
+        }
+        tracing::warn!(worker = %agent.config.worker_id, task = %allocation.task_id, kind = record.event.kind(),
+            event_id = %record.envelope.event_id, error = %e, "task event not stored; publishing it again");
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+        stored = match agent.publisher.publish(record).await {
+            Ok(receipt) => receipt.await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+    }
+    stored
 }
 
 /// Publishing an attempt's outcome is tried this many more times (0.5 s, 1 s, 2 s, 4 s apart).

@@ -66,7 +66,8 @@ struct Args {
     /// Duration of a simulated task.
     #[arg(long, default_value_t = 0)]
     simulated_task_ms: u64,
-    /// Stdout captured per task, at most; the rest is discarded and the result marked truncated.
+    /// Stdout captured per task, at most; the rest is discarded and the result marked truncated. Above the
+    /// default, an output that does not compress may not fit in a result frame: the attempt then fails.
     #[arg(long, default_value_t = node_agent::exec::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: usize,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465); off by default.

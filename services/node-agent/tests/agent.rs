@@ -392,6 +392,66 @@ async fn failures_are_reported_with_retryability() {
     assert_eq!(report.tasks_failed, 3);
 }
 
+/// An output that does not fit in a frame once encoded (here: 1.1 MB that do not compress, with the capture
+/// limit raised above the default) cannot be stored as a result: the attempt fails, permanently, instead of
+/// completing without its output. An output at the default limit that does not compress still fits.
+#[tokio::test]
+async fn a_result_too_large_to_store_fails_the_attempt_instead_of_completing_it() {
+    let pool = pool().await;
+    let mut exec = ExecConfig::new("sh", Vec::<String>::new());
+    exec.max_output_bytes = 2 * 1024 * 1024;
+    let agent = start(
+        &pool,
+        config("w-big", 2),
+        1,
+        Arc::new(ExecExecutor::new(exec)),
+    );
+    send(
+        &pool,
+        allocation("w-big", 1, 1, &[0], "head -c 1100000 /dev/urandom", 10_000),
+    )
+    .await;
+    let limit = node_agent::exec::DEFAULT_MAX_OUTPUT_BYTES;
+    send(
+        &pool,
+        allocation(
+            "w-big",
+            2,
+            1,
+            &[0],
+            &format!("head -c {limit} /dev/urandom"),
+            10_000,
+        ),
+    )
+    .await;
+    let tasks = until(&pool.bus, Stream::Tasks, "both tasks end", |r| {
+        failed(r, task(1)).is_some() && completed(r, task(2)).is_some()
+    })
+    .await;
+    let too_large = failed(&tasks, task(1)).unwrap();
+    assert!(!too_large.retryable);
+    assert!(
+        too_large.reason.contains("result could not be stored"),
+        "{}",
+        too_large.reason
+    );
+    assert!(completed(&tasks, task(1)).is_none());
+    let results = read(&pool.bus, Stream::Results).await;
+    let outputs: Vec<(TaskId, usize)> = results
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::TaskResult(res) => match &res.output {
+                Blob::Inline(bytes) => Some((res.task_id, bytes.len())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outputs, vec![(task(2), limit)]);
+    let report = agent.stop().await;
+    assert_eq!((report.tasks_completed, report.tasks_failed), (1, 1));
+}
+
 #[tokio::test]
 async fn a_revoked_attempt_is_killed_and_reports_nothing() {
     let pool = pool().await;
