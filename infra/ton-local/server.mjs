@@ -4,7 +4,7 @@
 // tests only: it is a single in-memory emulated chain, not a network.
 //
 // Usage: node server.mjs --public-key <64 hex> [--host 127.0.0.1] [--port 0]
-//          [--balance <nanoton>] [--api-key K] [--exit-with-stdin]
+//          [--balance <nanoton>] [--undeployed] [--api-key K] [--exit-with-stdin]
 //
 // When ready it prints exactly one JSON line to stdout
 //   {"url":..,"wallet":..,"wallet_raw":..,"balance":..}
@@ -22,7 +22,8 @@ console.info = console.error;
 console.debug = console.error;
 
 const USAGE = `usage: node server.mjs --public-key <64 hex chars> [--host 127.0.0.1] [--port 0]
-                      [--balance <nanoton, default 1000 TON>] [--api-key K] [--exit-with-stdin]`;
+                      [--balance <nanoton, default 1000 TON>] [--undeployed] [--api-key K] [--exit-with-stdin]
+  --undeployed: the wallet is funded but not deployed (uninitialized): its first message must deploy it`;
 const DEFAULT_BALANCE = 1_000_000_000_000n; // 1000 TON
 const TREASURY_RESERVE = 1_000_000_000_000_000n; // 1M TON
 const MAX_BODY_BYTES = 16 * 1024 * 1024;
@@ -47,6 +48,7 @@ function parseArgs(argv) {
         balance: DEFAULT_BALANCE,
         apiKey: undefined,
         exitWithStdin: false,
+        undeployed: false,
     };
     for (let i = 0; i < argv.length; i++) {
         const arg = argv[i];
@@ -88,6 +90,9 @@ function parseArgs(argv) {
             }
             case '--exit-with-stdin':
                 opts.exitWithStdin = true;
+                break;
+            case '--undeployed':
+                opts.undeployed = true;
                 break;
             case '-h':
             case '--help':
@@ -328,16 +333,18 @@ class Chain {
         // Deploy with state init from the treasury, then set the balance to
         // exactly what was asked (the deploying transaction's own gas would
         // otherwise take a little of it).
+        // Undeployed: funded without the state init, so the account stays uninitialized.
         const deploy = await chain.treasury.send({
             to: chain.wallet.address,
             value: opts.balance > 0n ? opts.balance : 1_000_000_000n,
-            init: chain.wallet.init,
+            init: opts.undeployed ? undefined : chain.wallet.init,
             bounce: false,
         });
         chain.record(deploy.transactions);
         const contract = await chain.bc.getContract(chain.wallet.address);
-        if (contract.accountState?.type !== 'active') {
-            throw new Error(`wallet ${chain.wallet.address} is not active after deployment`);
+        const expected = opts.undeployed ? 'uninit' : 'active';
+        if (contract.accountState?.type !== expected) {
+            throw new Error(`wallet ${chain.wallet.address} is ${contract.accountState?.type}, not ${expected}, after funding`);
         }
         contract.balance = opts.balance;
         return chain;

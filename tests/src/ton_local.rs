@@ -57,6 +57,16 @@ impl TonLocal {
     /// When `node` or `infra/ton-local/node_modules` is missing, or the server
     /// does not get ready within 30 s; the message carries its stderr.
     pub async fn start(public_key: &[u8; 32], balance_nanoton: u64) -> TonLocal {
+        Self::start_with(public_key, balance_nanoton, false).await
+    }
+
+    /// As [`TonLocal::start`], but the wallet is funded and not deployed (uninitialized): its first message
+    /// must carry its state init.
+    pub async fn start_undeployed(public_key: &[u8; 32], balance_nanoton: u64) -> TonLocal {
+        Self::start_with(public_key, balance_nanoton, true).await
+    }
+
+    async fn start_with(public_key: &[u8; 32], balance_nanoton: u64, undeployed: bool) -> TonLocal {
         let dir = workspace_root().join("infra/ton-local");
         assert!(
             dir.join("node_modules/@ton/sandbox").is_dir(),
@@ -69,6 +79,7 @@ impl TonLocal {
             .arg("server.mjs")
             .args(["--public-key", &key_hex])
             .args(["--balance", &balance_nanoton.to_string()])
+            .args(undeployed.then_some("--undeployed"))
             .args(["--host", "127.0.0.1", "--port", "0", "--exit-with-stdin"])
             .current_dir(&dir)
             .stdin(Stdio::piped())

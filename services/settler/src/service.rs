@@ -758,10 +758,14 @@ impl Settler {
     ) -> Result<Option<ChainJob>, SettlerError> {
         let id = s.prepared.settlement_id;
         let n = s.prepared.wallet_seqno;
-        let Some(seqno) = (snapshot.state == "active")
-            .then(|| crate::wallet::seqno_from_data(&snapshot.data))
-            .flatten()
-        else {
+        // A wallet not deployed yet is at seqno 0: the settlement that deploys it (seqno 0, with the state
+        // init) is resent and expires by the same rules as any other.
+        let seqno = match snapshot.state.as_str() {
+            "active" => crate::wallet::seqno_from_data(&snapshot.data),
+            "uninitialized" => Some(0),
+            _ => None,
+        };
+        let Some(seqno) = seqno else {
             tracing::warn!(settlement = %id, state = %snapshot.state, "the pool wallet's state shows no seqno; checking again");
             metrics::counter!("settler_ton_errors_total").increment(1);
             return Ok(None);

@@ -79,6 +79,10 @@ fn test_config() -> SettlerConfig {
 
 impl Env {
     async fn start(wallet_balance: u64) -> Env {
+        Self::start_with(wallet_balance, false).await
+    }
+
+    async fn start_with(wallet_balance: u64, undeployed: bool) -> Env {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(
@@ -95,7 +99,11 @@ impl Env {
         seed[16..].copy_from_slice(uuid::Uuid::now_v7().as_bytes());
         let key = PoolKey::from_seed(&seed);
         let seed_hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
-        let ton = TonLocal::start(&key.public_key(), wallet_balance).await;
+        let ton = if undeployed {
+            TonLocal::start_undeployed(&key.public_key(), wallet_balance).await
+        } else {
+            TonLocal::start(&key.public_key(), wallet_balance).await
+        };
         let wallet = PoolWallet::new(&key).unwrap();
         assert!(
             settler::wallet::same_account(&wallet.address(), ton.wallet()),
@@ -800,6 +808,42 @@ async fn a_message_relayed_in_another_layout_is_recognised_and_paid_once() {
     );
     assert_eq!(first.payouts[0].task_ids, vec![task]);
     assert_eq!(env.received_by(&w).await.0, env.earned[&w], "paid once");
+    env.assert_books_balance().await;
+}
+
+/// A pool wallet that is funded but not deployed: the first settlement (seqno 0) deploys it. Its first
+/// sends are lost; the settler resends it like any other until it executes, deploying the wallet and paying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settlement_that_deploys_the_wallet_is_resent_until_it_executes() {
+    let mut env = Env::start_with(100 * TON, true).await;
+    let address = PoolWallet::new(&env.key).unwrap().address();
+    assert_eq!(
+        env.toncenter().account(&address).await.unwrap().state,
+        "uninitialized"
+    );
+    let w = env.register("d1", 1_000_000, None).await;
+    env.complete(&w, 1_000_000, 3_000).await;
+    env.ton.set_drop_externals(true).await;
+    let running = env.spawn(test_config());
+    eventually("the deploying settlement is sent twice", || async {
+        env.payments()
+            .await
+            .iter()
+            .any(|e| matches!(e, Event::SettlementSubmitted(s) if s.send_attempt >= 2))
+    })
+    .await;
+    env.ton.set_drop_externals(false).await;
+    env.wait_all_paid().await;
+    running.stop().await;
+    let payments = env.payments().await;
+    let batches = prepared(&payments);
+    assert_eq!(batches.len(), 1, "one batch, never rebuilt");
+    assert_eq!(batches[0].wallet_seqno, 0);
+    assert_eq!(confirmations(&payments).len(), 1);
+    assert_eq!(
+        env.toncenter().account(&address).await.unwrap().state,
+        "active"
+    );
     env.assert_books_balance().await;
 }
 
