@@ -75,6 +75,8 @@ impl FaultPoint {
 /// Transactions asked for in the first page of a search for a settlement's message, and at most per page.
 const SEARCH_FIRST_PAGE: u32 = 2;
 const SEARCH_MAX_PAGE: u32 = 32;
+/// A search reads at most this many times `search_limit` transactions in all, incoming transfers included.
+pub const SEARCH_SCAN_FACTOR: u32 = 50;
 
 #[derive(Debug, Clone)]
 pub struct SettlerConfig {
@@ -95,7 +97,9 @@ pub struct SettlerConfig {
     pub tick: Duration,
     /// How often an open settlement is checked on chain (each check is a few API calls).
     pub check_interval: Duration,
-    /// At most this many wallet transactions are searched for a settlement's message per check.
+    /// At most this many of the wallet's external messages (the pool's own, signed) are searched for a
+    /// settlement's message per check; incoming transfers, which anyone can send, do not count (up to
+    /// [`SEARCH_SCAN_FACTOR`] times as many transactions in all).
     pub search_limit: u32,
     pub partitions: Partitions,
     /// Testing only: stop there as if killed.
@@ -980,9 +984,12 @@ async fn search(
     search_limit: u32,
 ) -> Result<Search, TonError> {
     let mut from: Option<(u64, String)> = None;
+    // Only the wallet's external messages count against the limit: incoming transfers (anyone can send
+    // them, many and cheap) must not push an executed message out of reach.
     let mut searched = 0u32;
+    let mut scanned = 0u32;
     let mut page_size = SEARCH_FIRST_PAGE;
-    while searched < search_limit {
+    while searched < search_limit && scanned < search_limit.saturating_mul(SEARCH_SCAN_FACTOR) {
         let answer = ton
             .transactions(
                 address,
@@ -1039,7 +1046,8 @@ async fn search(
                 _ => {}
             }
         }
-        searched += fresh.len() as u32;
+        searched += fresh.iter().filter(|t| t.in_msg_external).count() as u32;
+        scanned += fresh.len() as u32;
         let last = &fresh[fresh.len() - 1];
         from = Some((last.lt, last.hash.clone()));
     }

@@ -847,6 +847,59 @@ async fn the_settlement_that_deploys_the_wallet_is_resent_until_it_executes() {
     env.assert_books_balance().await;
 }
 
+/// Incoming transfers (anyone can send them, many and cheap) land on the wallet after a settlement's message
+/// executed and before the settler looks: they do not count against the search limit, so the message is
+/// still found and the settlement confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incoming_transfers_do_not_push_an_executed_message_out_of_the_search() {
+    let mut env = Env::start(100 * TON).await;
+    let w = env.register("s1", 1_000_000, None).await;
+    env.complete(&w, 1_000_000, 2_000).await;
+    env.ton.set_drop_externals(true).await;
+    let running = env.spawn(test_config());
+    eventually("the settlement is sent", || async {
+        env.payments()
+            .await
+            .iter()
+            .any(|e| matches!(e, Event::SettlementSubmitted(_)))
+    })
+    .await;
+    running.stop().await;
+    // While no settler runs, the message executes, then twelve transfers come in.
+    env.ton.set_drop_externals(false).await;
+    let first = prepared(&env.payments().await)[0].clone();
+    assert!(matches!(
+        env.toncenter()
+            .send_boc(&first.signed_message)
+            .await
+            .unwrap(),
+        settler::toncenter::SendOutcome::Accepted { .. }
+    ));
+    let wallet = env.ton.wallet().to_owned();
+    for _ in 0..12 {
+        env.ton.fund(&wallet, TON).await;
+    }
+    let mut config = test_config();
+    config.search_limit = 4;
+    let running = env.spawn(config);
+    eventually("the settlement is confirmed", || async {
+        !confirmations(&env.payments().await).is_empty()
+    })
+    .await;
+    running.stop().await;
+    let payments = env.payments().await;
+    assert_eq!(
+        confirmations(&payments)[0].settlement_id,
+        first.settlement_id
+    );
+    assert!(
+        !payments
+            .iter()
+            .any(|e| matches!(e, Event::SettlementExpired(_)))
+    );
+    env.assert_books_balance().await;
+}
+
 /// A v7 task id minted `ago` before now.
 fn task_minted_ago(ago: Duration) -> TaskId {
     let now = std::time::SystemTime::now()
