@@ -200,7 +200,13 @@ pub fn permissions(role: &Role) -> Permissions {
             publish_origin(&mut p, &[Stream::Attestations], "attestor.*");
         }
         Role::Settler => {
-            for s in [Stream::Tasks, Stream::Workers, Stream::Payments] {
+            // Completions, checked against their allocations; prices; its own books.
+            for s in [
+                Stream::Tasks,
+                Stream::Allocations,
+                Stream::Workers,
+                Stream::Payments,
+            ] {
                 read_stream(&mut p, s.name());
             }
             publish_origin(&mut p, &[Stream::Payments], "settler");

@@ -32,7 +32,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bus::{Bus, Follower, Publisher, PublisherConfig};
-use events::ids::{SettlementId, TaskId};
+use events::ids::{SettlementId, TaskId, WorkerId};
 use events::money::Nanoton;
 use events::payments::{
     FailedTransfer, PaymentAccrued, SettlementConfirmed, SettlementExpired, SettlementPrepared,
@@ -184,6 +184,14 @@ struct Arrival {
     records: Vec<EventRecord>,
 }
 
+/// An attempt the allocator placed.
+#[derive(Debug, Clone)]
+struct Placed {
+    worker: WorkerId,
+    /// The task's ceiling: the worker is paid its own price, but never more than this.
+    max_price: Nanoton,
+}
+
 /// A search of the wallet's transactions for a settlement's message.
 enum Search {
     Found(Transaction),
@@ -215,6 +223,16 @@ struct Settler {
     receipts: Vec<bus::Receipt>,
     /// Completions whose worker is not known yet (its registration not read): retried as WORKERS arrives.
     unpriced: Vec<(Envelope, TaskCompleted)>,
+    /// Each task's allocated attempts, from ALLOCATIONS, until the task accrues or ends: a completion is paid
+    /// only for an attempt allocated to the worker that reports it, at no more than the task's price ceiling.
+    allocations: HashMap<TaskId, Vec<(u32, Placed)>>,
+    /// ALLOCATIONS read up to here.
+    allocations_seq: u64,
+    /// Completions whose allocation is not read yet, with ALLOCATIONS' head once looked up: a completion is
+    /// refused only when ALLOCATIONS has been read that far and the allocation is still not there.
+    unallocated: Vec<(Envelope, TaskCompleted, Option<u64>)>,
+    /// Completions refused since the last tick for want of an allocation to their worker, with the first.
+    refused_unallocated: (u64, Option<(TaskId, WorkerId)>),
     /// Completions refused since the last tick although they happened inside the accrual window (their task
     /// took longer than the window, or has no age), with the first of them: reported once a tick.
     refused: (u64, Option<(TaskId, Inadmissible)>),
@@ -273,6 +291,10 @@ pub async fn run(
         own_seqs: BTreeSet::new(),
         receipts: Vec::new(),
         unpriced: Vec::new(),
+        allocations: HashMap::new(),
+        allocations_seq: 0,
+        unallocated: Vec::new(),
+        refused_unallocated: (0, None),
         refused: (0, None),
         refused_old: 0,
         last_send: HashMap::new(),
@@ -295,10 +317,12 @@ pub async fn run(
         wallet = %settler.wallet.address(),
         accruals = settler.ledger.totals().accruals,
         open = settler.ledger.open_settlements().count(),
-        "books read; following TASKS"
+        "books read; following TASKS and ALLOCATIONS"
     );
-    let follower = Follower::open(&js, Stream::Tasks, Vec::new(), 1).await?;
-    tokio::spawn(follow(Stream::Tasks, follower, tx.clone(), helpers.clone()));
+    for stream in [Stream::Allocations, Stream::Tasks] {
+        let follower = Follower::open(&js, stream, Vec::new(), 1).await?;
+        tokio::spawn(follow(stream, follower, tx.clone(), helpers.clone()));
+    }
     drop(tx);
 
     let mut tick = tokio::time::interval(settler.config.tick);
@@ -312,7 +336,7 @@ pub async fn run(
                 return Ok(settler.report);
             }
             arrival = rx.recv() => {
-                let arrival = arrival.ok_or(SettlerError::FollowerStopped("TASKS"))??;
+                let arrival = arrival.ok_or(SettlerError::FollowerStopped("TASKS/ALLOCATIONS"))??;
                 settler.fold(arrival).await?;
             }
             Some(answer) = chain.join_next(), if !chain.is_empty() => {
@@ -430,28 +454,81 @@ impl Settler {
                 // Heartbeats arrive every second: only a registration can price a waiting completion.
                 if registered && !self.unpriced.is_empty() {
                     for (envelope, completed) in std::mem::take(&mut self.unpriced) {
-                        self.accrue(&envelope, &completed).await?;
+                        self.accrue(&envelope, &completed, None).await?;
                     }
                 }
             }
             Stream::Tasks => {
                 for record in &arrival.records {
-                    if let Event::TaskCompleted(c) = &record.event {
-                        self.accrue(&record.envelope, c).await?;
+                    match &record.event {
+                        Event::TaskCompleted(c) => self.accrue(&record.envelope, c, None).await?,
+                        // Ended without a completion to come: its allocations are of no more use.
+                        Event::TaskCancelled(e) => drop(self.allocations.remove(&e.task_id)),
+                        Event::TaskExpired(e) => drop(self.allocations.remove(&e.task_id)),
+                        Event::TaskRejected(e) => drop(self.allocations.remove(&e.task_id)),
+                        Event::TaskFailed(e) if !e.retryable => {
+                            drop(self.allocations.remove(&e.task_id))
+                        }
+                        _ => {}
                     }
                 }
+            }
+            Stream::Allocations => {
+                for record in &arrival.records {
+                    if let Event::TaskAllocated(a) = &record.event
+                        && self.ledger.admits(&a.task_id).is_ok()
+                        && !self.ledger.is_accrued(&a.task_id)
+                    {
+                        let placed = Placed {
+                            worker: a.worker_id.clone(),
+                            max_price: a.spec.max_price_per_gpu_second,
+                        };
+                        let attempts = self.allocations.entry(a.task_id).or_default();
+                        attempts.retain(|(n, _)| *n != a.attempt);
+                        attempts.push((a.attempt, placed));
+                    }
+                }
+                self.allocations_seq = self.allocations_seq.max(arrival.sequence);
+                self.retry_unallocated().await?;
             }
             _ => {}
         }
         Ok(())
     }
 
+    /// Completions waiting for their allocation that can be decided now: their allocation was read, or
+    /// ALLOCATIONS was read as far as it went when they were looked up (then they are refused).
+    async fn retry_unallocated(&mut self) -> Result<(), SettlerError> {
+        let waiting = std::mem::take(&mut self.unallocated);
+        for (envelope, completed, head) in waiting {
+            let known = self.placed(&completed).is_some();
+            if known || head.is_some_and(|h| self.allocations_seq >= h) {
+                self.accrue(&envelope, &completed, head).await?;
+            } else {
+                self.unallocated.push((envelope, completed, head));
+            }
+        }
+        Ok(())
+    }
+
+    /// The allocation of the completion's attempt, if it was read.
+    fn placed(&self, completed: &TaskCompleted) -> Option<&Placed> {
+        self.allocations
+            .get(&completed.task_id)?
+            .iter()
+            .find(|(n, _)| *n == completed.attempt)
+            .map(|(_, p)| p)
+    }
+
     /// One PaymentAccrued per task, the first completion wins; applied to the books at once so a
-    /// redelivered or duplicated completion finds it.
+    /// redelivered or duplicated completion finds it. Only an attempt allocated to the reporting worker
+    /// accrues (anyone with a worker's credentials can publish a completion naming any task); `head` is
+    /// ALLOCATIONS' head when the completion was first looked up, if it was.
     async fn accrue(
         &mut self,
         envelope: &Envelope,
         completed: &TaskCompleted,
+        head: Option<u64>,
     ) -> Result<(), SettlerError> {
         if self.ledger.is_accrued(&completed.task_id) {
             metrics::counter!("settler_duplicate_completions_total").increment(1);
@@ -461,13 +538,31 @@ impl Settler {
             self.refuse(envelope, completed.task_id, why);
             return Ok(());
         }
+        let max_price = match self.placed(completed) {
+            Some(p) if p.worker == completed.worker_id => p.max_price,
+            // That attempt went to another worker; or, read up to where ALLOCATIONS was, it went nowhere.
+            Some(_) => {
+                self.refuse_unallocated(completed);
+                return Ok(());
+            }
+            None if head.is_some_and(|h| self.allocations_seq >= h) => {
+                self.refuse_unallocated(completed);
+                return Ok(());
+            }
+            // Not read yet (ALLOCATIONS and TASKS are read side by side): decided at a later look.
+            None => {
+                self.unallocated
+                    .push((envelope.clone(), completed.clone(), head));
+                return Ok(());
+            }
+        };
         let Some(payee) = self.ledger.payee(&completed.worker_id) else {
             tracing::warn!(task = %completed.task_id, worker = %completed.worker_id, event_id = %envelope.event_id,
                 correlation_id = %envelope.correlation_id, "completion by a worker whose registration is unknown; it accrues once the registration is read");
             self.unpriced.push((envelope.clone(), completed.clone()));
             return Ok(());
         };
-        let price = payee.price_per_gpu_second;
+        let price = payee.price_per_gpu_second.min(max_price);
         let Some(amount) = completed.usage.gpu_millis.cost(price) else {
             tracing::error!(task = %completed.task_id, gpu_millis = completed.usage.gpu_millis.0, price = price.0,
                 event_id = %envelope.event_id, correlation_id = %envelope.correlation_id, "usage × price overflows a nanoton amount; not accrued");
@@ -487,10 +582,21 @@ impl Settler {
         self.receipts.push(self.publisher.publish(&record).await?);
         self.ledger
             .apply(&record.event, record.envelope.occurred_at);
+        self.allocations.remove(&completed.task_id);
         self.report.accruals += 1;
         metrics::counter!("settler_accruals_total").increment(1);
         metrics::counter!("settler_accrued_nanoton_total").increment(amount.0);
         Ok(())
+    }
+
+    /// A completion of an attempt not allocated to its worker: counted, and reported at the next tick.
+    fn refuse_unallocated(&mut self, completed: &TaskCompleted) {
+        metrics::counter!("settler_unallocated_completions_total").increment(1);
+        self.report.refused_completions += 1;
+        self.refused_unallocated.0 += 1;
+        self.refused_unallocated
+            .1
+            .get_or_insert((completed.task_id, completed.worker_id.clone()));
     }
 
     /// A completion that may not accrue ([`Ledger::admits`]): counted, and reported at the next tick.
@@ -521,6 +627,34 @@ impl Settler {
             }
         }
         metrics::gauge!("settler_unpriced_completions").set(self.unpriced.len() as f64);
+        // Completions waiting for their allocation: ALLOCATIONS' head is read once for those not looked up
+        // yet; they are decided once it has been read that far. Too old ones are refused as above.
+        let waiting = std::mem::take(&mut self.unallocated);
+        for (envelope, completed, head) in waiting {
+            match self.ledger.admits(&completed.task_id) {
+                Ok(()) => self.unallocated.push((envelope, completed, head)),
+                Err(why) => self.refuse(&envelope, completed.task_id, why),
+            }
+        }
+        if self.unallocated.iter().any(|u| u.2.is_none()) {
+            match bus::last_sequence(&self.js, Stream::Allocations).await {
+                Ok(head) => {
+                    for u in &mut self.unallocated {
+                        u.2.get_or_insert(head);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the head of ALLOCATIONS failed; trying again")
+                }
+            }
+            self.retry_unallocated().await?;
+        }
+        metrics::gauge!("settler_unallocated_completions").set(self.unallocated.len() as f64);
+        metrics::gauge!("settler_allocations_remembered").set(self.allocations.len() as f64);
+        if let (count, Some((task, worker))) = std::mem::take(&mut self.refused_unallocated) {
+            tracing::warn!(count, first_task = %task, first_worker = %worker,
+                "completions not accrued: their attempt was not allocated to the worker that reported them");
+        }
         metrics::gauge!("settler_paid_tasks_remembered").set(self.ledger.paid_remembered() as f64);
         if let (count, Some((task, why))) = std::mem::take(&mut self.refused) {
             tracing::error!(count, first_task = %task, reason = %why, horizon_micros = self.ledger.horizon().0,

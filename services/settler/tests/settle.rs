@@ -11,10 +11,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use bus::{Bus, Publisher, PublisherConfig, provision_streams};
+use events::allocations::{ScoreBreakdown, TaskAllocated};
 use events::payments::{SettlementConfirmed, SettlementPrepared};
 use events::tasks::{TaskCompleted, Usage};
 use events::workers::{GpuInfo, WorkerRegistered};
-use events::{Event, EventRecord, GpuMillis, Nanoton, ProducerId, Stream, TaskId, WorkerId};
+use events::{
+    ClientId, Event, EventRecord, GpuMillis, Nanoton, ProducerId, Stream, TaskId, WorkerId,
+};
 use settler::ledger::BatchPolicy;
 use settler::{FaultPoint, PoolKey, PoolWallet, RunReport, SettlerConfig, SettlerError, Toncenter};
 use tests::ton_local::TonLocal;
@@ -209,8 +212,10 @@ impl Env {
     }
 
     /// Publishes a completion of a new task and books what it earns.
+    /// A task allocated to `worker` (whose registered price is `price`, the task's ceiling too) and completed.
     async fn complete(&mut self, worker: &WorkerId, price: u64, gpu_millis: u64) -> TaskId {
         let task = TaskId::new();
+        self.publish(allocation(task, worker, 1, price)).await;
         self.publish(completion(task, worker, 1, gpu_millis)).await;
         *self.earned.get_mut(worker).unwrap() += gpu_millis * price / 1000;
         task
@@ -310,6 +315,30 @@ impl Env {
         assert_eq!(accrued, earned, "total accrued = total earned");
         let paid: u64 = confirmed_payouts(&payments).values().sum();
         assert_eq!(paid, earned, "total paid = total earned");
+    }
+}
+
+/// The allocator's placement of the task's `attempt` on `worker`, for a task whose price ceiling is
+/// `max_price` nanoton per GPU-second.
+fn allocation(task: TaskId, worker: &WorkerId, attempt: u32, max_price: u64) -> TaskAllocated {
+    let mut spec = events::sample::task_spec(0);
+    spec.max_price_per_gpu_second = Nanoton(max_price);
+    TaskAllocated {
+        task_id: task,
+        client_id: ClientId::new("client-1").unwrap(),
+        worker_id: worker.clone(),
+        attempt,
+        allocator_epoch: 1,
+        gpu_indices: vec![0],
+        score: ScoreBreakdown {
+            total: 1.0,
+            load: 0.2,
+            memory: 0.2,
+            history: 0.2,
+            latency: 0.2,
+            affinity: 0.2,
+        },
+        spec,
     }
 }
 
@@ -900,6 +929,83 @@ async fn incoming_transfers_do_not_push_an_executed_message_out_of_the_search() 
     env.assert_books_balance().await;
 }
 
+/// Anyone with a worker's credentials can publish a completion naming any task: only an attempt allocated to
+/// the reporting worker accrues, at the worker's price but never above the task's ceiling. A completion read
+/// before its allocation (TASKS and ALLOCATIONS are read side by side) waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allocated_attempts_accrue_and_never_above_the_tasks_price_ceiling() {
+    let mut env = Env::start(100 * TON).await;
+    let honest = env.register("honest", 1_000_000, None).await;
+    let greedy = env.register("greedy", 5_000_000, None).await;
+    // A task never allocated to anyone, and one allocated to the honest worker, both "completed" by greedy.
+    let invented = TaskId::new();
+    env.publish(completion(invented, &greedy, 1, 9_000)).await;
+    let someone_elses = TaskId::new();
+    env.publish(allocation(someone_elses, &honest, 1, 1_000_000))
+        .await;
+    env.publish(completion(someone_elses, &greedy, 1, 9_000))
+        .await;
+    // Greedy's own task, whose ceiling is below its price: paid at the ceiling.
+    let own = TaskId::new();
+    env.publish(allocation(own, &greedy, 1, 2_000_000)).await;
+    env.publish(completion(own, &greedy, 1, 3_000)).await;
+    *env.earned.get_mut(&greedy).unwrap() += 3_000 * 2_000_000 / 1_000;
+    // A completion read before its allocation: ALLOCATIONS holds thousands of frames before it, TASKS a
+    // few, and a starting settler reads both from the start. It waits, and accrues once the allocation is read.
+    let many = Publisher::new(
+        env.bus.jetstream.clone(),
+        PublisherConfig {
+            max_events: 1,
+            ..PublisherConfig::default()
+        },
+    )
+    .unwrap();
+    let filler = WorkerId::new("filler").unwrap();
+    for _ in 0..3_000 {
+        let record = EventRecord::new(
+            ProducerId::new("allocator").unwrap(),
+            allocation(TaskId::new(), &filler, 1, 1),
+        );
+        drop(many.publish(&record).await.unwrap());
+    }
+    many.flush().await.unwrap();
+    let early = TaskId::new();
+    env.publish(allocation(early, &honest, 1, 1_000_000)).await;
+    env.publish(completion(early, &honest, 1, 1_000)).await;
+    *env.earned.get_mut(&honest).unwrap() += 1_000 * 1_000_000 / 1_000;
+    let running = env.spawn(test_config());
+    // The honest worker completes its task: it accrues, once.
+    env.publish(completion(someone_elses, &honest, 1, 2_000))
+        .await;
+    *env.earned.get_mut(&honest).unwrap() += 2_000 * 1_000_000 / 1_000;
+
+    env.wait_all_paid().await;
+    let report = running.stop().await;
+    assert_eq!(report.accruals, 3, "{report:?}");
+    assert_eq!(report.refused_completions, 2, "{report:?}");
+    let accrued: BTreeMap<TaskId, (WorkerId, u64, u64)> = env
+        .payments()
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::PaymentAccrued(a) => Some((
+                a.task_id,
+                (a.worker_id, a.price_per_gpu_second.0, a.amount.0),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(accrued.len(), 3, "{accrued:?}");
+    assert!(!accrued.contains_key(&invented));
+    assert_eq!(accrued[&own], (greedy.clone(), 2_000_000, 6_000_000));
+    assert_eq!(
+        accrued[&someone_elses],
+        (honest.clone(), 1_000_000, 2_000_000)
+    );
+    assert_eq!(accrued[&early], (honest.clone(), 1_000_000, 1_000_000));
+    env.assert_books_balance().await;
+}
+
 /// A v7 task id minted `ago` before now.
 fn task_minted_ago(ago: Duration) -> TaskId {
     let now = std::time::SystemTime::now()
@@ -919,6 +1025,7 @@ async fn paid_tasks_are_forgotten_after_the_accrual_window_and_never_accrue_agai
     // A task submitted 8 s ago completes now: inside the window, it accrues and is paid.
     let old = task_minted_ago(Duration::from_secs(8));
     let leaves_window_at = tokio::time::Instant::now() + Duration::from_secs(3);
+    env.publish(allocation(old, &a, 1, 1_000_000)).await;
     env.publish(completion(old, &a, 1, 1_500)).await;
     *env.earned.get_mut(&a).unwrap() += 1_500_000;
     let fresh = env.complete(&a, 1_000_000, 2_000).await;
