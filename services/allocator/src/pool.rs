@@ -285,16 +285,19 @@ impl Pool {
         Some(&self.workers[slot as usize].id)
     }
 
-    /// Folds one event into the state. Events the allocator does not use are ignored. Liveness is judged by
-    /// the events' own times; see [`Pool::apply_stored`] for the server's.
+    /// Folds one event into the state. Events the allocator does not use are ignored. Times are the events'
+    /// own (the allocator's decisions, applied as it makes them, and tests); see [`Pool::apply_stored`] for
+    /// events read from the log.
     pub fn apply(&mut self, record: &EventRecord) {
         self.apply_stored(record, record.envelope.occurred_at);
     }
 
-    /// [`Pool::apply`], with `stored_at` (when the server stored the frame) as the time a worker was last
-    /// heard from: worker clocks that drift do not make a worker look lost or alive.
+    /// [`Pool::apply`], with `stored_at` (when the server stored the frame) as the event's time: when a task
+    /// queued (its aging), when an attempt started (its timeout, a worker's restart), when a worker was last
+    /// heard from. A sender's clock that drifts (a client's far ahead, a worker's behind) must not starve
+    /// the queue, revoke attempts at once or keep a dead worker alive.
     pub fn apply_stored(&mut self, record: &EventRecord, stored_at: Timestamp) {
-        let at = record.envelope.occurred_at;
+        let at = stored_at;
         match &record.event {
             Event::TaskSubmitted(e) => {
                 if self.finished.contains(&e.task_id) || self.tasks.contains_key(&e.task_id) {
@@ -1413,6 +1416,37 @@ mod tests {
         );
         assert_eq!(p.stats().tasks_in_flight, 0);
         assert_eq!(p.stats().tasks_waiting, 0);
+    }
+
+    /// Events read from the log count from when the server stored them, not from their senders' clocks: a
+    /// worker whose clock is an hour behind does not have its attempt taken back at once.
+    #[test]
+    fn a_senders_clock_does_not_time_an_attempt() {
+        let mut p = pool();
+        worker(&mut p, one_gpu("w", 4), at(0));
+        let mut s = spec(1, 1, 10, 5, None);
+        s.timeout_ms = 2_000;
+        let task = submit(&mut p, s, at(0));
+        p.allocate(at(0), 1);
+        // Stored at 1 s; the worker's clock says an hour earlier.
+        p.apply_stored(
+            &rec(
+                TaskStarted {
+                    task_id: task,
+                    worker_id: wid("w"),
+                    attempt: 1,
+                    gpu_indices: vec![0],
+                },
+                at(1 - 3_600),
+            ),
+            at(1),
+        );
+        heartbeat(&mut p, "w", &[(0, 0)], None, at(8));
+        assert!(p.tick(at(8), 1).is_empty(), "timed from the store time");
+        assert_eq!(
+            kinds(&p.tick(at(9), 1)),
+            ["AllocationRevoked", "TaskRequeued"]
+        );
     }
 
     #[test]
