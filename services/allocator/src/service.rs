@@ -313,10 +313,12 @@ pub async fn run(
 
     helpers.cancel();
     if let Err(e @ AllocatorError::LeaseLapsed { .. }) = &result {
-        // Fenced out: what is still queued (in the publisher, or in the client while it reconnects) must not
-        // be stored now that another instance may hold the lease. Return at once, neither flushing nor
-        // giving up the lease (it is no longer ours); the process exits and the queue goes with it.
-        tracing::error!(error = %e, "fenced out: dropping the decisions not yet stored");
+        // Fenced out: what is still queued must not be stored now that another instance may hold the lease.
+        // The publisher sends nothing more; return at once, neither flushing nor giving up the lease (it is
+        // no longer ours). Frames already handed to the connection may still land (while it reconnects, the
+        // client holds them); the process exits, and they go with it.
+        tracing::error!(error = %e, "fenced out: dropping the decisions not yet sent");
+        publisher.abandon();
         lease_task.abort();
         return result.map(|()| report);
     }

@@ -96,15 +96,15 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// Publishing the same event again cannot succeed: it does not fit in a frame, cannot be encoded, or the
-    /// server refuses it (permissions, limits). Timeouts, a missing stream and a closed publisher may pass.
+    /// Publishing the same event again cannot succeed: it does not fit in a frame or cannot be encoded.
+    /// Anything else may pass: a timeout, a missing stream, a closed publisher, and a refusal by the server
+    /// (which also covers its passing troubles, such as JetStream being unavailable for a moment).
     pub fn is_permanent(&self) -> bool {
         match self {
-            PublishError::TooLarge { .. }
-            | PublishError::Rejected { .. }
-            | PublishError::Encode(_) => true,
+            PublishError::TooLarge { .. } | PublishError::Encode(_) => true,
             PublishError::Failed { first, .. } => first.is_permanent(),
-            PublishError::NoStream { .. }
+            PublishError::Rejected { .. }
+            | PublishError::NoStream { .. }
             | PublishError::TimedOut { .. }
             | PublishError::Closed => false,
         }
@@ -237,6 +237,8 @@ struct Tracker {
     pending: AtomicUsize,
     settled: Notify,
     failures: Mutex<Failures>,
+    /// [`Publisher::abandon`] was called: nothing more is sent.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -303,9 +305,11 @@ impl Inner {
 }
 
 impl Drop for Inner {
-    /// Frames still open when the last handle goes are sent, not dropped.
+    /// Frames still open when the last handle goes are sent, not dropped (unless abandoned).
     fn drop(&mut self) {
-        self.close_all();
+        if !self.tracker.abandoned.load(Ordering::Acquire) {
+            self.close_all();
+        }
     }
 }
 
@@ -335,6 +339,7 @@ impl Publisher {
             pending: AtomicUsize::new(0),
             settled: Notify::new(),
             failures: Mutex::new(Failures::default()),
+            abandoned: std::sync::atomic::AtomicBool::new(false),
         });
         let shared = Arc::new(Inner {
             config,
@@ -354,6 +359,20 @@ impl Publisher {
         &self.shared.config
     }
 
+    /// Sends nothing more: the open frames are dropped and the frames closed but not yet sent are not sent
+    /// (their receipts and the next flush see [`PublishError::Closed`]); frames already sent may still be
+    /// stored. For a process that must not publish any more (an allocator fenced out by a successor).
+    pub fn abandon(&self) {
+        let tracker = &self.shared.tracker;
+        tracker.abandoned.store(true, Ordering::Release);
+        let mut open = self.shared.open.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, frame) in open.drain() {
+            let outcome = Err(PublishError::Closed);
+            tracker.resolve(frame.builder.len() as usize, &outcome);
+            let _ = frame.tx.send(outcome);
+        }
+    }
+
     /// Events accepted and not yet acknowledged or failed.
     pub fn pending(&self) -> usize {
         self.shared.tracker.pending.load(Ordering::Acquire)
@@ -368,6 +387,9 @@ impl Publisher {
         }
         let subject = record.subject(self.shared.config.partitions);
         let tracker = &self.shared.tracker;
+        if tracker.abandoned.load(Ordering::Acquire) {
+            return Err(PublishError::Closed);
+        }
         tracker
             .window
             .acquire()
@@ -503,6 +525,12 @@ async fn send_frames(
 ) {
     while let Some(frame) = frames.recv().await {
         let events = frame.raw.event_count as usize;
+        if tracker.abandoned.load(Ordering::Acquire) {
+            let outcome = Err(PublishError::Closed);
+            tracker.resolve(events, &outcome);
+            let _ = frame.tx.send(outcome);
+            continue;
+        }
         let codec = *sealer.config();
         let sealed = if frame.raw.body.len() > BLOCKING_SEAL_BYTES {
             let raw = frame.raw;

@@ -300,6 +300,43 @@ async fn publisher_pushes_back_when_the_window_is_full() {
     assert_eq!(receipt.await.unwrap().sequence, 2);
 }
 
+/// An abandoned publisher sends nothing more: its open frames are dropped, later publishes are refused, and
+/// the flush reports what was not sent.
+#[tokio::test]
+async fn an_abandoned_publisher_sends_nothing_more() {
+    let server = NatsServer::start().await;
+    let bus = bus(&server).await;
+    provision_streams(&bus.jetstream, 1).await.unwrap();
+    let config = PublisherConfig {
+        linger: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let publisher = Publisher::new(bus.jetstream.clone(), config).unwrap();
+    let receipts: Vec<_> = {
+        let mut v = Vec::new();
+        for r in same_subject_records(3) {
+            v.push(publisher.publish(&r).await.unwrap());
+        }
+        v
+    };
+    publisher.abandon();
+    assert!(matches!(
+        publisher.publish(&same_subject_records(1)[0]).await,
+        Err(PublishError::Closed)
+    ));
+    for receipt in receipts {
+        assert!(matches!(receipt.await, Err(PublishError::Closed)));
+    }
+    assert!(publisher.flush().await.is_err());
+    assert_eq!(publisher.pending(), 0);
+    drop(publisher);
+    assert!(
+        stored_frames(&bus.jetstream, Stream::Tasks)
+            .await
+            .is_empty()
+    );
+}
+
 #[tokio::test]
 async fn a_repeated_frame_is_stored_once() {
     let server = NatsServer::start().await;

@@ -815,6 +815,30 @@ async fn catch_up_shadow(
             }
         }
     }
+    // Every frame of each partition up to its live checkpoint is applied now, though a partition's shadow
+    // checkpoint only moved to its own last frame: move it to the live one, so that the next catch-up (the
+    // locked one) reads from there and not the whole stretch again.
+    let (mut streams, mut parts, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+    for (&(stream, part), &seq) in live_cp {
+        if shadow_cp.get(&(stream, part)).copied().unwrap_or(0) < seq {
+            streams.push(stream.name());
+            parts.push(i32::from(part));
+            seqs.push(i64::try_from(seq).unwrap_or(i64::MAX));
+        }
+    }
+    if !streams.is_empty() {
+        let client = shadow.pool.get().await.map_err(anyhow::Error::from)?;
+        client
+            .execute(
+                "UPDATE projection_checkpoints c SET last_sequence = v.seq, updated_at = now()
+                 FROM unnest($2::text[], $3::int[], $4::bigint[]) AS v(stream, partition, seq)
+                 WHERE c.projection = $1 AND c.stream = v.stream AND c.partition = v.partition
+                   AND c.last_sequence < v.seq",
+                &[&projection.name(), &streams, &parts, &seqs],
+            )
+            .await
+            .map_err(anyhow::Error::from)?;
+    }
     Ok(true)
 }
 

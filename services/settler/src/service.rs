@@ -192,6 +192,33 @@ struct Placed {
     max_price: Nanoton,
 }
 
+/// Whether a completion's attempt was allocated to its worker, as far as ALLOCATIONS has been read.
+#[derive(Debug, PartialEq, Eq)]
+enum Allocated {
+    /// Yes: accrue at no more than this price per GPU-second.
+    To(Nanoton),
+    /// To another worker; or ALLOCATIONS has been read as far as it went when the completion was looked up
+    /// (`head`) and holds no such allocation.
+    Not,
+    /// Not read yet: ALLOCATIONS and TASKS are read side by side, and an allocation is stored before its
+    /// completion but may be read after it. Look again later.
+    NotReadYet,
+}
+
+fn allocated(
+    placed: Option<&Placed>,
+    worker: &WorkerId,
+    head: Option<u64>,
+    read: u64,
+) -> Allocated {
+    match placed {
+        Some(p) if p.worker == *worker => Allocated::To(p.max_price),
+        Some(_) => Allocated::Not,
+        None if head.is_some_and(|h| read >= h) => Allocated::Not,
+        None => Allocated::NotReadYet,
+    }
+}
+
 /// A search of the wallet's transactions for a settlement's message.
 enum Search {
     Found(Transaction),
@@ -228,6 +255,9 @@ struct Settler {
     allocations: HashMap<TaskId, Vec<(u32, Placed)>>,
     /// ALLOCATIONS read up to here.
     allocations_seq: u64,
+    /// How many allocations are kept before those of tasks outside the window are looked for again (twice
+    /// what was left by the last look: amortised, not a scan every tick).
+    allocations_pruned_at: usize,
     /// Completions whose allocation is not read yet, with ALLOCATIONS' head once looked up: a completion is
     /// refused only when ALLOCATIONS has been read that far and the allocation is still not there.
     unallocated: Vec<(Envelope, TaskCompleted, Option<u64>)>,
@@ -293,6 +323,7 @@ pub async fn run(
         unpriced: Vec::new(),
         allocations: HashMap::new(),
         allocations_seq: 0,
+        allocations_pruned_at: 1_024,
         unallocated: Vec::new(),
         refused_unallocated: (0, None),
         refused: (0, None),
@@ -317,12 +348,27 @@ pub async fn run(
         wallet = %settler.wallet.address(),
         accruals = settler.ledger.totals().accruals,
         open = settler.ledger.open_settlements().count(),
-        "books read; following TASKS and ALLOCATIONS"
+        "books read; reading ALLOCATIONS, then following TASKS"
     );
-    for stream in [Stream::Allocations, Stream::Tasks] {
-        let follower = Follower::open(&js, stream, Vec::new(), 1).await?;
-        tokio::spawn(follow(stream, follower, tx.clone(), helpers.clone()));
+    // Then ALLOCATIONS up to its head, before TASKS: a task's end read before its allocation would leave the
+    // allocation kept for nothing, and a completion read before it would have to wait.
+    let head = bus::last_sequence(&js, Stream::Allocations).await?;
+    let follower = Follower::open(&js, Stream::Allocations, Vec::new(), 1).await?;
+    tokio::spawn(follow(
+        Stream::Allocations,
+        follower,
+        tx.clone(),
+        helpers.clone(),
+    ));
+    while settler.allocations_seq < head {
+        let arrival = tokio::select! {
+            _ = cancel.cancelled() => return Ok(settler.report),
+            a = rx.recv() => a.ok_or(SettlerError::FollowerStopped("ALLOCATIONS"))??,
+        };
+        settler.fold(arrival).await?;
     }
+    let follower = Follower::open(&js, Stream::Tasks, Vec::new(), 1).await?;
+    tokio::spawn(follow(Stream::Tasks, follower, tx.clone(), helpers.clone()));
     drop(tx);
 
     let mut tick = tokio::time::interval(settler.config.tick);
@@ -466,9 +512,21 @@ impl Settler {
                         Event::TaskCancelled(e) => drop(self.allocations.remove(&e.task_id)),
                         Event::TaskExpired(e) => drop(self.allocations.remove(&e.task_id)),
                         Event::TaskRejected(e) => drop(self.allocations.remove(&e.task_id)),
-                        Event::TaskFailed(e) if !e.retryable => {
-                            drop(self.allocations.remove(&e.task_id))
-                        }
+                        // A worker's failure ends only its own attempt (an old attempt's failure, read after
+                        // the task went on to another worker, must not drop that worker's allocation); an
+                        // operator's ends the task.
+                        Event::TaskFailed(e) if !e.retryable => match &e.worker_id {
+                            Some(worker) => {
+                                if let Some(attempts) = self.allocations.get_mut(&e.task_id) {
+                                    attempts
+                                        .retain(|(n, p)| !(*n == e.attempt && p.worker == *worker));
+                                    if attempts.is_empty() {
+                                        self.allocations.remove(&e.task_id);
+                                    }
+                                }
+                            }
+                            None => drop(self.allocations.remove(&e.task_id)),
+                        },
                         _ => {}
                     }
                 }
@@ -532,25 +590,26 @@ impl Settler {
     ) -> Result<(), SettlerError> {
         if self.ledger.is_accrued(&completed.task_id) {
             metrics::counter!("settler_duplicate_completions_total").increment(1);
+            self.allocations.remove(&completed.task_id);
             return Ok(());
         }
         if let Err(why) = self.ledger.admits(&completed.task_id) {
+            self.allocations.remove(&completed.task_id);
             self.refuse(envelope, completed.task_id, why);
             return Ok(());
         }
-        let max_price = match self.placed(completed) {
-            Some(p) if p.worker == completed.worker_id => p.max_price,
-            // That attempt went to another worker; or, read up to where ALLOCATIONS was, it went nowhere.
-            Some(_) => {
+        let max_price = match allocated(
+            self.placed(completed),
+            &completed.worker_id,
+            head,
+            self.allocations_seq,
+        ) {
+            Allocated::To(max_price) => max_price,
+            Allocated::Not => {
                 self.refuse_unallocated(completed);
                 return Ok(());
             }
-            None if head.is_some_and(|h| self.allocations_seq >= h) => {
-                self.refuse_unallocated(completed);
-                return Ok(());
-            }
-            // Not read yet (ALLOCATIONS and TASKS are read side by side): decided at a later look.
-            None => {
+            Allocated::NotReadYet => {
                 self.unallocated
                     .push((envelope.clone(), completed.clone(), head));
                 return Ok(());
@@ -650,6 +709,14 @@ impl Settler {
             self.retry_unallocated().await?;
         }
         metrics::gauge!("settler_unallocated_completions").set(self.unallocated.len() as f64);
+        // Allocations of tasks that left the window can no longer accrue: whatever was not removed by an
+        // accrual or an end (a task cancelled as it was allocated, a completion refused) goes here.
+        if self.allocations.len() > self.allocations_pruned_at {
+            let ledger = &self.ledger;
+            self.allocations
+                .retain(|task, _| ledger.admits(task).is_ok());
+            self.allocations_pruned_at = (self.allocations.len() * 2).max(1_024);
+        }
         metrics::gauge!("settler_allocations_remembered").set(self.allocations.len() as f64);
         if let (count, Some((task, worker))) = std::mem::take(&mut self.refused_unallocated) {
             tracing::warn!(count, first_task = %task, first_worker = %worker,
@@ -1262,5 +1329,29 @@ async fn follow(
         if tx.send(arrival).await.is_err() || stop {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_completion_accrues_only_for_its_workers_allocation_and_waits_until_allocations_are_read() {
+        let w = WorkerId::new("w").unwrap();
+        let other = WorkerId::new("other").unwrap();
+        let placed = Placed {
+            worker: w.clone(),
+            max_price: Nanoton(7),
+        };
+        assert_eq!(
+            allocated(Some(&placed), &w, None, 0),
+            Allocated::To(Nanoton(7))
+        );
+        assert_eq!(allocated(Some(&placed), &other, None, 0), Allocated::Not);
+        // Not read: it waits until ALLOCATIONS is read as far as it went when the completion was looked up.
+        assert_eq!(allocated(None, &w, None, 100), Allocated::NotReadYet);
+        assert_eq!(allocated(None, &w, Some(101), 100), Allocated::NotReadYet);
+        assert_eq!(allocated(None, &w, Some(100), 100), Allocated::Not);
     }
 }
