@@ -279,6 +279,20 @@ impl Pool {
         self.queue.contains(task)
     }
 
+    /// Whether `attempt` of `task` is known to be placed on a worker other than `worker`: a worker's report
+    /// about an attempt it does not hold is ignored (anyone with a worker's credentials can name any task).
+    /// An attempt not known yet is not judged (its allocation may be read after the report).
+    fn held_by_another(&self, task: &TaskId, attempt: u32, worker: &WorkerId) -> bool {
+        let ignored = self.tasks.get(task).is_some_and(|t| {
+            t.attempt == attempt && t.worker.as_ref().is_some_and(|w| w != worker)
+        });
+        if ignored {
+            tracing::warn!(%task, attempt, %worker, "a report about an attempt another worker holds; ignored");
+            metrics::counter!("allocator_foreign_reports_total").increment(1);
+        }
+        ignored
+    }
+
     /// The worker currently holding `task`'s attempt, if any.
     pub fn holder(&self, task: &TaskId) -> Option<&WorkerId> {
         let slot = self.tasks.get(task)?.reservation.as_ref()?.slot;
@@ -345,6 +359,9 @@ impl Pool {
                 );
             }
             Event::TaskStarted(e) => {
+                if self.held_by_another(&e.task_id, e.attempt, &e.worker_id) {
+                    return;
+                }
                 self.advance(
                     e.task_id,
                     e.attempt,
@@ -354,6 +371,9 @@ impl Pool {
                 );
             }
             Event::TaskCompleted(e) => {
+                if self.held_by_another(&e.task_id, e.attempt, &e.worker_id) {
+                    return;
+                }
                 let tag = self
                     .tasks
                     .get(&e.task_id)
@@ -364,6 +384,11 @@ impl Pool {
                 }
             }
             Event::TaskFailed(e) => {
+                if let Some(worker) = &e.worker_id
+                    && self.held_by_another(&e.task_id, e.attempt, worker)
+                {
+                    return;
+                }
                 if !self.advance(e.task_id, e.attempt, Phase::Ended, at, None) {
                     return;
                 }
@@ -1416,6 +1441,37 @@ mod tests {
         );
         assert_eq!(p.stats().tasks_in_flight, 0);
         assert_eq!(p.stats().tasks_waiting, 0);
+    }
+
+    /// A worker's report about an attempt another worker holds (anyone with a worker's credentials can name
+    /// any task) changes nothing; the holder's own reports do.
+    #[test]
+    fn reports_about_an_attempt_another_worker_holds_are_ignored() {
+        let mut p = pool();
+        worker(&mut p, one_gpu("w", 4), at(0));
+        worker(&mut p, one_gpu("intruder", 4), at(0));
+        let task = submit(&mut p, spec(1, 1, 10, 5, None), at(0));
+        let placed = allocated(&p.allocate(at(0), 1));
+        assert_eq!(placed.len(), 1);
+        let (holder, other) = if placed[0].1 == "w" {
+            ("w", "intruder")
+        } else {
+            ("intruder", "w")
+        };
+        p.apply(&completed(task, other, 1, 1_000, at(1)));
+        p.apply(&rec(
+            TaskFailed {
+                task_id: task,
+                worker_id: Some(wid(other)),
+                attempt: 1,
+                reason: "made up".into(),
+                retryable: false,
+            },
+            at(1),
+        ));
+        assert_eq!(p.holder(&task).map(WorkerId::as_str), Some(holder));
+        p.apply(&completed(task, holder, 1, 1_000, at(2)));
+        assert_eq!(p.holder(&task), None, "the holder's completion ends it");
     }
 
     /// Events read from the log count from when the server stored them, not from their senders' clocks: a
