@@ -143,6 +143,22 @@ impl Env {
         Running { stop, handle }
     }
 
+    /// Runs the settler with every message it sends lost on the way (the chain drops external messages until
+    /// told otherwise), until it has sent its first settlement; returns it running, and that settlement.
+    async fn spawn_with_sends_lost(&self, config: SettlerConfig) -> (Running, SettlementPrepared) {
+        self.ton.set_drop_externals(true).await;
+        let running = self.spawn(config);
+        eventually("the settlement is sent", || async {
+            self.payments()
+                .await
+                .iter()
+                .any(|e| matches!(e, Event::SettlementSubmitted(_)))
+        })
+        .await;
+        let first = prepared(&self.payments().await)[0].clone();
+        (running, first)
+    }
+
     /// Runs the `settler` binary until it exits (with `fault`, it stops there like a killed process) or, without,
     /// until every worker is paid on chain and the log confirms it; then kills it.
     async fn run_binary(&self, fault: Option<&str>) -> std::process::ExitStatus {
@@ -735,18 +751,9 @@ async fn a_message_whose_seqno_another_message_used_is_rebuilt_and_paid_once() {
     let w = env.register("u1", 1_000_000, None).await;
     let task = env.complete(&w, 1_000_000, 4_000).await;
     // The settler's first send is lost, and it does not resend for a long while.
-    env.ton.set_drop_externals(true).await;
     let mut config = test_config();
     config.resend_interval = Duration::from_secs(600);
-    let running = env.spawn(config);
-    eventually("the settlement is sent", || async {
-        env.payments()
-            .await
-            .iter()
-            .any(|e| matches!(e, Event::SettlementSubmitted(_)))
-    })
-    .await;
-    let first = prepared(&env.payments().await)[0].clone();
+    let (running, first) = env.spawn_with_sends_lost(config).await;
     // Someone else with the pool's key spends that seqno on another message.
     env.ton.set_drop_externals(false).await;
     let other = fresh_address();
@@ -787,18 +794,9 @@ async fn a_message_relayed_in_another_layout_is_recognised_and_paid_once() {
     let w = env.register("r1", 1_000_000, None).await;
     let task = env.complete(&w, 1_000_000, 4_000).await;
     // The settler's own sends are lost, and it does not resend for a long while.
-    env.ton.set_drop_externals(true).await;
     let mut config = test_config();
     config.resend_interval = Duration::from_secs(600);
-    let running = env.spawn(config);
-    eventually("the settlement is sent", || async {
-        env.payments()
-            .await
-            .iter()
-            .any(|e| matches!(e, Event::SettlementSubmitted(_)))
-    })
-    .await;
-    let first = prepared(&env.payments().await)[0].clone();
+    let (running, first) = env.spawn_with_sends_lost(config).await;
     // A relay hands the chain the same signed body in another layout.
     let mut relaid = Message::from_boc(&first.signed_message).unwrap();
     relaid.body.layout = match relaid.body.layout {
@@ -884,19 +882,10 @@ async fn incoming_transfers_do_not_push_an_executed_message_out_of_the_search() 
     let mut env = Env::start(100 * TON).await;
     let w = env.register("s1", 1_000_000, None).await;
     env.complete(&w, 1_000_000, 2_000).await;
-    env.ton.set_drop_externals(true).await;
-    let running = env.spawn(test_config());
-    eventually("the settlement is sent", || async {
-        env.payments()
-            .await
-            .iter()
-            .any(|e| matches!(e, Event::SettlementSubmitted(_)))
-    })
-    .await;
+    let (running, first) = env.spawn_with_sends_lost(test_config()).await;
     running.stop().await;
     // While no settler runs, the message executes, then twelve transfers come in.
     env.ton.set_drop_externals(false).await;
-    let first = prepared(&env.payments().await)[0].clone();
     assert!(matches!(
         env.toncenter()
             .send_boc(&first.signed_message)
