@@ -554,6 +554,13 @@ async fn send_frames(
                 continue;
             }
         };
+        // Abandoned while this frame was sealed.
+        if tracker.abandoned.load(Ordering::Acquire) {
+            let outcome = Err(PublishError::Closed);
+            tracker.resolve(events, &outcome);
+            let _ = frame.tx.send(outcome);
+            continue;
+        }
         let mut headers = async_nats::HeaderMap::new();
         for (name, value) in sealed.headers.pairs() {
             headers.insert(name, value.as_str());

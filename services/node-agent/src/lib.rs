@@ -760,8 +760,7 @@ async fn run_attempt(agent: Arc<Agent>, queued: Queued, permit: tokio::sync::Own
 
 /// Waits until `record`, published once (`first`), is stored. An outcome that is not stored would leave the
 /// task to its timeout and a second run: a failure is published again (same event, same id; readers apply
-/// it once) a few times, unless it is permanent (the event cannot be encoded into a frame, or the server
-/// refuses it).
+/// it once) a few times, unless it is permanent (the event cannot be encoded, or does not fit in a frame).
 async fn store_outcome(
     agent: &Agent,
     allocation: &TaskAllocated,

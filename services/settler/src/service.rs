@@ -188,6 +188,9 @@ struct Arrival {
 #[derive(Debug, Clone)]
 struct Placed {
     worker: WorkerId,
+    /// The allocator's epoch: of two placements of one attempt (a fenced-out allocator's landing late), the
+    /// newer epoch's holds, as on the workers.
+    epoch: u64,
     /// The task's ceiling: the worker is paid its own price, but never more than this.
     max_price: Nanoton,
 }
@@ -249,7 +252,8 @@ struct Settler {
     /// Receipts of buffered publishes, turned into `own_seqs` once flushed.
     receipts: Vec<bus::Receipt>,
     /// Completions whose worker is not known yet (its registration not read): retried as WORKERS arrives.
-    unpriced: Vec<(Envelope, TaskCompleted)>,
+    /// Their attempt's allocation was found: with the task's price ceiling it set.
+    unpriced: Vec<(Envelope, TaskCompleted, Nanoton)>,
     /// Each task's allocated attempts, from ALLOCATIONS, until the task accrues or ends: a completion is paid
     /// only for an attempt allocated to the worker that reports it, at no more than the task's price ceiling.
     allocations: HashMap<TaskId, Vec<(u32, Placed)>>,
@@ -499,8 +503,9 @@ impl Settler {
                 }
                 // Heartbeats arrive every second: only a registration can price a waiting completion.
                 if registered && !self.unpriced.is_empty() {
-                    for (envelope, completed) in std::mem::take(&mut self.unpriced) {
-                        self.accrue(&envelope, &completed, None).await?;
+                    for (envelope, completed, max_price) in std::mem::take(&mut self.unpriced) {
+                        self.accrue_allocated(&envelope, &completed, max_price)
+                            .await?;
                     }
                 }
             }
@@ -539,11 +544,15 @@ impl Settler {
                     {
                         let placed = Placed {
                             worker: a.worker_id.clone(),
+                            epoch: a.allocator_epoch,
                             max_price: a.spec.max_price_per_gpu_second,
                         };
                         let attempts = self.allocations.entry(a.task_id).or_default();
-                        attempts.retain(|(n, _)| *n != a.attempt);
-                        attempts.push((a.attempt, placed));
+                        match attempts.iter_mut().find(|(n, _)| *n == a.attempt) {
+                            Some((_, held)) if held.epoch > placed.epoch => {}
+                            Some((_, held)) => *held = placed,
+                            None => attempts.push((a.attempt, placed)),
+                        }
                     }
                 }
                 self.allocations_seq = self.allocations_seq.max(arrival.sequence);
@@ -615,10 +624,27 @@ impl Settler {
                 return Ok(());
             }
         };
+        self.accrue_allocated(envelope, completed, max_price).await
+    }
+
+    /// [`Settler::accrue`] once the attempt's allocation was found: prices the completion (the worker's
+    /// price, at most `max_price`) and accrues it, or keeps it until the worker's registration is read. The
+    /// allocation is not looked up again: a task's end read meanwhile must not refuse a completion before it.
+    async fn accrue_allocated(
+        &mut self,
+        envelope: &Envelope,
+        completed: &TaskCompleted,
+        max_price: Nanoton,
+    ) -> Result<(), SettlerError> {
+        if self.ledger.is_accrued(&completed.task_id) {
+            metrics::counter!("settler_duplicate_completions_total").increment(1);
+            return Ok(());
+        }
         let Some(payee) = self.ledger.payee(&completed.worker_id) else {
             tracing::warn!(task = %completed.task_id, worker = %completed.worker_id, event_id = %envelope.event_id,
                 correlation_id = %envelope.correlation_id, "completion by a worker whose registration is unknown; it accrues once the registration is read");
-            self.unpriced.push((envelope.clone(), completed.clone()));
+            self.unpriced
+                .push((envelope.clone(), completed.clone(), max_price));
             return Ok(());
         };
         let price = payee.price_per_gpu_second.min(max_price);
@@ -679,9 +705,9 @@ impl Settler {
         metrics::gauge!("settler_parked_nanoton").set(totals.parked as f64);
         // A completion waiting for its worker's registration is refused once its task leaves the window.
         let unpriced = std::mem::take(&mut self.unpriced);
-        for (envelope, completed) in unpriced {
+        for (envelope, completed, max_price) in unpriced {
             match self.ledger.admits(&completed.task_id) {
-                Ok(()) => self.unpriced.push((envelope, completed)),
+                Ok(()) => self.unpriced.push((envelope, completed, max_price)),
                 Err(why) => self.refuse(&envelope, completed.task_id, why),
             }
         }
@@ -1342,6 +1368,7 @@ mod tests {
         let other = WorkerId::new("other").unwrap();
         let placed = Placed {
             worker: w.clone(),
+            epoch: 1,
             max_price: Nanoton(7),
         };
         assert_eq!(

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bus::{Bus, Publisher, PublisherConfig, provision_streams};
 use events::allocations::{ScoreBreakdown, TaskAllocated};
 use events::payments::{SettlementConfirmed, SettlementPrepared};
-use events::tasks::{TaskCompleted, TaskFailed, Usage};
+use events::tasks::{TaskCancelled, TaskCompleted, TaskFailed, Usage};
 use events::workers::{GpuInfo, WorkerRegistered};
 use events::{
     ClientId, Event, EventRecord, GpuMillis, Nanoton, ProducerId, Stream, TaskId, WorkerId,
@@ -926,6 +926,17 @@ async fn only_allocated_attempts_accrue_and_never_above_the_tasks_price_ceiling(
     let mut env = Env::start(100 * TON).await;
     let honest = env.register("honest", 1_000_000, None).await;
     let greedy = env.register("greedy", 5_000_000, None).await;
+    // A worker whose registration comes only later: its completion waits for it, and a cancellation of the
+    // task read meanwhile does not take away the allocation it was already matched with.
+    let late = WorkerId::new("late").unwrap();
+    let waits = TaskId::new();
+    env.publish(allocation(waits, &late, 1, 1_000_000)).await;
+    env.publish(completion(waits, &late, 1, 700)).await;
+    env.publish(TaskCancelled {
+        task_id: waits,
+        reason: "the client gave up".into(),
+    })
+    .await;
     // A task never allocated to anyone, and one allocated to the honest worker, both "completed" by greedy.
     let invented = TaskId::new();
     env.publish(completion(invented, &greedy, 1, 9_000)).await;
@@ -954,15 +965,28 @@ async fn only_allocated_attempts_accrue_and_never_above_the_tasks_price_ceiling(
     .await;
     env.publish(completion(moved, &greedy, 2, 1_000)).await;
     *env.earned.get_mut(&greedy).unwrap() += 1_000 * 1_000_000 / 1_000;
+    // Attempt 1 placed on the honest worker at epoch 2, and a fenced-out allocator's placement of the same
+    // attempt on greedy (epoch 1) landing late: the newer epoch's placement holds.
+    let doubled = TaskId::new();
+    let mut newer = allocation(doubled, &honest, 1, 1_000_000);
+    newer.allocator_epoch = 2;
+    env.publish(newer).await;
+    env.publish(allocation(doubled, &greedy, 1, 1_000_000))
+        .await;
+    env.publish(completion(doubled, &honest, 1, 500)).await;
+    *env.earned.get_mut(&honest).unwrap() += 500 * 1_000_000 / 1_000;
     let running = env.spawn(test_config());
     // The honest worker completes its task: it accrues, once.
     env.publish(completion(someone_elses, &honest, 1, 2_000))
         .await;
     *env.earned.get_mut(&honest).unwrap() += 2_000 * 1_000_000 / 1_000;
-
+    env.wait_all_paid().await;
+    // Now the late worker registers: its waiting completion accrues and is paid.
+    assert_eq!(env.register("late", 1_000_000, None).await, late);
+    *env.earned.get_mut(&late).unwrap() += 700 * 1_000_000 / 1_000;
     env.wait_all_paid().await;
     let report = running.stop().await;
-    assert_eq!(report.accruals, 3, "{report:?}");
+    assert_eq!(report.accruals, 5, "{report:?}");
     assert_eq!(report.refused_completions, 2, "{report:?}");
     let accrued: BTreeMap<TaskId, (WorkerId, u64, u64)> = env
         .payments()
@@ -976,7 +1000,7 @@ async fn only_allocated_attempts_accrue_and_never_above_the_tasks_price_ceiling(
             _ => None,
         })
         .collect();
-    assert_eq!(accrued.len(), 3, "{accrued:?}");
+    assert_eq!(accrued.len(), 5, "{accrued:?}");
     assert!(!accrued.contains_key(&invented));
     assert_eq!(accrued[&own], (greedy.clone(), 2_000_000, 6_000_000));
     assert_eq!(
@@ -984,6 +1008,8 @@ async fn only_allocated_attempts_accrue_and_never_above_the_tasks_price_ceiling(
         (honest.clone(), 1_000_000, 2_000_000)
     );
     assert_eq!(accrued[&moved], (greedy.clone(), 1_000_000, 1_000_000));
+    assert_eq!(accrued[&doubled], (honest.clone(), 1_000_000, 500_000));
+    assert_eq!(accrued[&waits], (late.clone(), 1_000_000, 700_000));
     env.assert_books_balance().await;
 }
 
