@@ -233,7 +233,14 @@ pub struct Pool {
     finished: RecentSet<TaskId>,
     /// Highest allocator epoch seen in the log.
     epoch_seen: u64,
+    /// Workers' reports about an attempt not known to be placed yet (its allocation not read: the streams are
+    /// read side by side), applied when it is; at most [`MAX_PARKED_PER_TASK`] per task, dropped when the
+    /// task finishes.
+    parked: HashMap<TaskId, Vec<(EventRecord, Timestamp)>>,
 }
+
+/// Reports kept per task while their attempt's allocation is not read; more are dropped (and counted).
+const MAX_PARKED_PER_TASK: usize = 8;
 
 impl Pool {
     pub fn new(config: PoolConfig, producer: ProducerId) -> Self {
@@ -250,6 +257,7 @@ impl Pool {
             queue,
             finished,
             epoch_seen: 0,
+            parked: HashMap::new(),
         }
     }
 
@@ -291,6 +299,33 @@ impl Pool {
             metrics::counter!("allocator_foreign_reports_total").increment(1);
         }
         ignored
+    }
+
+    /// Keeps a worker's report about an attempt of a known task that is not known to be placed (a later
+    /// attempt, or the current one while the task waits) until that allocation is read; says whether it did.
+    /// A worker can only run what was allocated to it, so the report is applied then, or never (anyone with a
+    /// worker's credentials can name any task and attempt).
+    fn park_if_unplaced(
+        &mut self,
+        record: &EventRecord,
+        stored_at: Timestamp,
+        task: &TaskId,
+        attempt: u32,
+    ) -> bool {
+        let Some(t) = self.tasks.get(task) else {
+            return false;
+        };
+        if attempt < t.attempt || (attempt == t.attempt && t.phase != Phase::Waiting) {
+            return false;
+        }
+        let parked = self.parked.entry(*task).or_default();
+        if parked.len() < MAX_PARKED_PER_TASK {
+            parked.push((record.clone(), stored_at));
+        } else {
+            tracing::warn!(%task, attempt, "too many reports about attempts not placed; dropped");
+            metrics::counter!("allocator_unplaced_reports_dropped_total").increment(1);
+        }
+        true
     }
 
     /// The worker currently holding `task`'s attempt, if any.
@@ -357,9 +392,17 @@ impl Pool {
                     at,
                     Some((&e.worker_id, &e.gpu_indices)),
                 );
+                // Reports read before this allocation are judged now.
+                if let Some(reports) = self.parked.remove(&e.task_id) {
+                    for (report, stored_at) in reports {
+                        self.apply_stored(&report, stored_at);
+                    }
+                }
             }
             Event::TaskStarted(e) => {
-                if self.held_by_another(&e.task_id, e.attempt, &e.worker_id) {
+                if self.held_by_another(&e.task_id, e.attempt, &e.worker_id)
+                    || self.park_if_unplaced(record, stored_at, &e.task_id, e.attempt)
+                {
                     return;
                 }
                 self.advance(
@@ -371,7 +414,9 @@ impl Pool {
                 );
             }
             Event::TaskCompleted(e) => {
-                if self.held_by_another(&e.task_id, e.attempt, &e.worker_id) {
+                if self.held_by_another(&e.task_id, e.attempt, &e.worker_id)
+                    || self.park_if_unplaced(record, stored_at, &e.task_id, e.attempt)
+                {
                     return;
                 }
                 let tag = self
@@ -385,7 +430,8 @@ impl Pool {
             }
             Event::TaskFailed(e) => {
                 if let Some(worker) = &e.worker_id
-                    && self.held_by_another(&e.task_id, e.attempt, worker)
+                    && (self.held_by_another(&e.task_id, e.attempt, worker)
+                        || self.park_if_unplaced(record, stored_at, &e.task_id, e.attempt))
                 {
                     return;
                 }
@@ -801,6 +847,7 @@ impl Pool {
 
     /// Ends a task; `at` is the log's time (when the server stored the event that ended it).
     fn finish(&mut self, id: TaskId, at: Timestamp) {
+        self.parked.remove(&id);
         self.release(id);
         self.queue.remove(&id);
         self.tasks.remove(&id);
@@ -1187,6 +1234,11 @@ mod tests {
 
     fn submit(p: &mut Pool, spec: TaskSpec, when: Timestamp) -> TaskId {
         let id = TaskId::new();
+        submit_as(p, id, spec, when);
+        id
+    }
+
+    fn submit_as(p: &mut Pool, id: TaskId, spec: TaskSpec, when: Timestamp) {
         p.apply(&rec(
             TaskSubmitted {
                 task_id: id,
@@ -1195,7 +1247,6 @@ mod tests {
             },
             when,
         ));
-        id
     }
 
     fn completed(
@@ -1469,9 +1520,59 @@ mod tests {
             },
             at(1),
         ));
+        // Nor about a later attempt, not placed on anyone (kept until its allocation is read, if ever).
+        p.apply(&rec(
+            TaskFailed {
+                task_id: task,
+                worker_id: Some(wid(other)),
+                attempt: 2,
+                reason: "made up".into(),
+                retryable: false,
+            },
+            at(1),
+        ));
+        p.apply(&completed(task, other, 2, 1_000, at(1)));
         assert_eq!(p.holder(&task).map(WorkerId::as_str), Some(holder));
         p.apply(&completed(task, holder, 1, 1_000, at(2)));
         assert_eq!(p.holder(&task), None, "the holder's completion ends it");
+
+        // A waiting task is not taken over by a worker's report about it.
+        let waiting = submit(&mut p, spec(1, 1, 10, 5, None), at(3));
+        p.apply(&rec(
+            TaskStarted {
+                task_id: waiting,
+                worker_id: wid(other),
+                attempt: 1,
+                gpu_indices: vec![0],
+            },
+            at(3),
+        ));
+        assert!(p.is_waiting(&waiting), "still waiting for a placement");
+    }
+
+    /// The streams are read side by side: a worker's completion read before its attempt's allocation is
+    /// applied once the allocation is read.
+    #[test]
+    fn a_report_read_before_its_allocation_is_applied_with_it() {
+        let mut p = pool();
+        worker(&mut p, one_gpu("w", 4), at(0));
+        let task = submit(&mut p, spec(1, 1, 10, 5, None), at(0));
+        let decided = p.allocate(at(0), 1);
+        assert_eq!(allocated(&decided), vec![(task, "w".to_owned(), 1)]);
+        // Another instance, replaying the log, reads the completion first.
+        let mut replica = pool();
+        worker(&mut replica, one_gpu("w", 4), at(0));
+        submit_as(&mut replica, task, spec(1, 1, 10, 5, None), at(0));
+        replica.apply(&completed(task, "w", 1, 1_000, at(1)));
+        assert!(
+            replica.is_waiting(&task),
+            "kept until the allocation is read"
+        );
+        for record in &decided {
+            replica.apply(record);
+        }
+        assert!(!replica.is_waiting(&task));
+        assert_eq!(replica.holder(&task), None, "completed with its allocation");
     }
 
     /// Events read from the log count from when the server stored them, not from their senders' clocks: a
