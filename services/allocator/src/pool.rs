@@ -287,36 +287,35 @@ impl Pool {
         self.queue.contains(task)
     }
 
-    /// Whether `attempt` of `task` is known to be placed on a worker other than `worker`: a worker's report
-    /// about an attempt it does not hold is ignored (anyone with a worker's credentials can name any task).
-    /// An attempt not known yet is not judged (its allocation may be read after the report).
-    fn held_by_another(&self, task: &TaskId, attempt: u32, worker: &WorkerId) -> bool {
-        let ignored = self.tasks.get(task).is_some_and(|t| {
-            t.attempt == attempt && t.worker.as_ref().is_some_and(|w| w != worker)
-        });
-        if ignored {
-            tracing::warn!(%task, attempt, %worker, "a report about an attempt another worker holds; ignored");
-            metrics::counter!("allocator_foreign_reports_total").increment(1);
-        }
-        ignored
-    }
-
-    /// Keeps a worker's report about an attempt of a known task that is not known to be placed (a later
-    /// attempt, or the current one while the task waits) until that allocation is read; says whether it did.
-    /// A worker can only run what was allocated to it, so the report is applied then, or never (anyone with a
-    /// worker's credentials can name any task and attempt).
-    fn park_if_unplaced(
+    /// Whether a worker's report about `attempt` of `task` must not be applied now (anyone with a worker's
+    /// credentials can name any task and attempt):
+    /// - an attempt known to be placed on another worker: ignored;
+    /// - an attempt not known to be placed (a later one, or the current one while the task waits): kept until
+    ///   that allocation is read (the streams are read side by side), then applied, or never; at most
+    ///   [`MAX_PARKED_PER_TASK`] per task.
+    ///
+    /// A report about an earlier attempt, or about a task not known, is left to `advance`.
+    fn withheld(
         &mut self,
         record: &EventRecord,
         stored_at: Timestamp,
         task: &TaskId,
         attempt: u32,
+        worker: &WorkerId,
     ) -> bool {
         let Some(t) = self.tasks.get(task) else {
             return false;
         };
-        if attempt < t.attempt || (attempt == t.attempt && t.phase != Phase::Waiting) {
+        if attempt < t.attempt {
             return false;
+        }
+        if attempt == t.attempt && t.phase != Phase::Waiting {
+            let foreign = t.worker.as_ref().is_some_and(|w| w != worker);
+            if foreign {
+                tracing::warn!(%task, attempt, %worker, "a report about an attempt another worker holds; ignored");
+                metrics::counter!("allocator_foreign_reports_total").increment(1);
+            }
+            return foreign;
         }
         let parked = self.parked.entry(*task).or_default();
         if parked.len() < MAX_PARKED_PER_TASK {
@@ -400,9 +399,7 @@ impl Pool {
                 }
             }
             Event::TaskStarted(e) => {
-                if self.held_by_another(&e.task_id, e.attempt, &e.worker_id)
-                    || self.park_if_unplaced(record, stored_at, &e.task_id, e.attempt)
-                {
+                if self.withheld(record, stored_at, &e.task_id, e.attempt, &e.worker_id) {
                     return;
                 }
                 self.advance(
@@ -414,9 +411,7 @@ impl Pool {
                 );
             }
             Event::TaskCompleted(e) => {
-                if self.held_by_another(&e.task_id, e.attempt, &e.worker_id)
-                    || self.park_if_unplaced(record, stored_at, &e.task_id, e.attempt)
-                {
+                if self.withheld(record, stored_at, &e.task_id, e.attempt, &e.worker_id) {
                     return;
                 }
                 let tag = self
@@ -430,8 +425,7 @@ impl Pool {
             }
             Event::TaskFailed(e) => {
                 if let Some(worker) = &e.worker_id
-                    && (self.held_by_another(&e.task_id, e.attempt, worker)
-                        || self.park_if_unplaced(record, stored_at, &e.task_id, e.attempt))
+                    && self.withheld(record, stored_at, &e.task_id, e.attempt, worker)
                 {
                     return;
                 }
@@ -1271,6 +1265,31 @@ mod tests {
         )
     }
 
+    fn started(task: TaskId, worker: &str, attempt: u32, when: Timestamp) -> EventRecord {
+        rec(
+            TaskStarted {
+                task_id: task,
+                worker_id: wid(worker),
+                attempt,
+                gpu_indices: vec![0],
+            },
+            when,
+        )
+    }
+
+    fn failed(task: TaskId, worker: &str, attempt: u32, when: Timestamp) -> EventRecord {
+        rec(
+            TaskFailed {
+                task_id: task,
+                worker_id: Some(wid(worker)),
+                attempt,
+                reason: "made up".into(),
+                retryable: false,
+            },
+            when,
+        )
+    }
+
     fn allocated(records: &[EventRecord]) -> Vec<(TaskId, String, u32)> {
         records
             .iter()
@@ -1510,27 +1529,9 @@ mod tests {
             ("intruder", "w")
         };
         p.apply(&completed(task, other, 1, 1_000, at(1)));
-        p.apply(&rec(
-            TaskFailed {
-                task_id: task,
-                worker_id: Some(wid(other)),
-                attempt: 1,
-                reason: "made up".into(),
-                retryable: false,
-            },
-            at(1),
-        ));
+        p.apply(&failed(task, other, 1, at(1)));
         // Nor about a later attempt, not placed on anyone (kept until its allocation is read, if ever).
-        p.apply(&rec(
-            TaskFailed {
-                task_id: task,
-                worker_id: Some(wid(other)),
-                attempt: 2,
-                reason: "made up".into(),
-                retryable: false,
-            },
-            at(1),
-        ));
+        p.apply(&failed(task, other, 2, at(1)));
         p.apply(&completed(task, other, 2, 1_000, at(1)));
         assert_eq!(p.holder(&task).map(WorkerId::as_str), Some(holder));
         p.apply(&completed(task, holder, 1, 1_000, at(2)));
@@ -1538,15 +1539,7 @@ mod tests {
 
         // A waiting task is not taken over by a worker's report about it.
         let waiting = submit(&mut p, spec(1, 1, 10, 5, None), at(3));
-        p.apply(&rec(
-            TaskStarted {
-                task_id: waiting,
-                worker_id: wid(other),
-                attempt: 1,
-                gpu_indices: vec![0],
-            },
-            at(3),
-        ));
+        p.apply(&started(waiting, other, 1, at(3)));
         assert!(p.is_waiting(&waiting), "still waiting for a placement");
     }
 
@@ -1586,18 +1579,7 @@ mod tests {
         let task = submit(&mut p, s, at(0));
         p.allocate(at(0), 1);
         // Stored at 1 s; the worker's clock says an hour earlier.
-        p.apply_stored(
-            &rec(
-                TaskStarted {
-                    task_id: task,
-                    worker_id: wid("w"),
-                    attempt: 1,
-                    gpu_indices: vec![0],
-                },
-                at(1 - 3_600),
-            ),
-            at(1),
-        );
+        p.apply_stored(&started(task, "w", 1, at(1 - 3_600)), at(1));
         heartbeat(&mut p, "w", &[(0, 0)], None, at(8));
         assert!(p.tick(at(8), 1).is_empty(), "timed from the store time");
         assert_eq!(
@@ -1614,15 +1596,7 @@ mod tests {
         s.timeout_ms = 2_000;
         let task = submit(&mut p, s, at(0));
         p.allocate(at(0), 1);
-        p.apply(&rec(
-            TaskStarted {
-                task_id: task,
-                worker_id: wid("w"),
-                attempt: 1,
-                gpu_indices: vec![0],
-            },
-            at(1),
-        ));
+        p.apply(&started(task, "w", 1, at(1)));
         heartbeat(&mut p, "w", &[(0, 0)], None, at(8));
         // 1 s started + 2 s timeout + 5 s grace = 8 s: not yet at 8, taken back at 9.
         assert!(p.tick(at(8), 1).is_empty());

@@ -158,7 +158,6 @@ pub struct FetchedBatch {
     pub frames: Vec<ReceivedFrame>,
     /// The messages to ack: the last one (AckAll), or every one (a shared durable).
     acks: Vec<jetstream::Message>,
-    shared: bool,
     durable: String,
 }
 
@@ -259,8 +258,7 @@ impl FrameConsumer {
             let floor = info.ack_floor.stream_sequence;
             tracing::info!(durable = %spec.durable, after = floor, unacked = info.num_ack_pending,
                 "durable created again after its ack floor: it holds deliveries nobody acked, or another ack policy");
-            remove_durable(js, spec.stream, &spec.durable).await?;
-            return Self::bind_as_is(js, &spec.clone().start_after(floor)).await;
+            return Self::recreate(js, &spec.clone().start_after(floor)).await;
         }
         Ok(bound)
     }
@@ -401,7 +399,6 @@ impl FrameConsumer {
         let mut batch = FetchedBatch {
             frames: Vec::with_capacity(max_frames),
             acks: Vec::new(),
-            shared: self.shared,
             durable: self.durable.clone(),
         };
         self.pull(&mut batch, max_frames, None).await?;
@@ -457,7 +454,7 @@ impl FrameConsumer {
                 });
             }
             batch.frames.push(received_frame(&message)?);
-            if !batch.shared {
+            if !self.shared {
                 batch.acks.clear();
             }
             batch.acks.push(message);

@@ -249,6 +249,13 @@ struct Failures {
 }
 
 impl Tracker {
+    /// Resolves a frame that will not be sent (the publisher was abandoned) as [`PublishError::Closed`].
+    fn refuse_closed(&self, events: usize, tx: oneshot::Sender<FrameOutcome>) {
+        let outcome = Err(PublishError::Closed);
+        self.resolve(events, &outcome);
+        let _ = tx.send(outcome);
+    }
+
     fn resolve(&self, events: usize, outcome: &FrameOutcome) {
         if let Err(e) = outcome {
             let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
@@ -367,9 +374,7 @@ impl Publisher {
         tracker.abandoned.store(true, Ordering::Release);
         let mut open = self.shared.open.lock().unwrap_or_else(|p| p.into_inner());
         for (_, frame) in open.drain() {
-            let outcome = Err(PublishError::Closed);
-            tracker.resolve(frame.builder.len() as usize, &outcome);
-            let _ = frame.tx.send(outcome);
+            tracker.refuse_closed(frame.builder.len() as usize, frame.tx);
         }
     }
 
@@ -526,9 +531,7 @@ async fn send_frames(
     while let Some(frame) = frames.recv().await {
         let events = frame.raw.event_count as usize;
         if tracker.abandoned.load(Ordering::Acquire) {
-            let outcome = Err(PublishError::Closed);
-            tracker.resolve(events, &outcome);
-            let _ = frame.tx.send(outcome);
+            tracker.refuse_closed(events, frame.tx);
             continue;
         }
         let codec = *sealer.config();
@@ -556,9 +559,7 @@ async fn send_frames(
         };
         // Abandoned while this frame was sealed.
         if tracker.abandoned.load(Ordering::Acquire) {
-            let outcome = Err(PublishError::Closed);
-            tracker.resolve(events, &outcome);
-            let _ = frame.tx.send(outcome);
+            tracker.refuse_closed(events, frame.tx);
             continue;
         }
         let mut headers = async_nats::HeaderMap::new();

@@ -304,13 +304,6 @@ pub async fn run(
     let helpers = CancellationToken::new();
     let _stop_helpers = helpers.clone().drop_guard();
 
-    // The books first: WORKERS and PAYMENTS up to their heads as they are now.
-    let mut heads = HashMap::new();
-    for stream in [Stream::Workers, Stream::Payments] {
-        heads.insert(stream, bus::last_sequence(&js, stream).await?);
-        let follower = Follower::open(&js, stream, Vec::new(), 1).await?;
-        tokio::spawn(follow(stream, follower, tx.clone(), helpers.clone()));
-    }
     let accrual_window = config.accrual_window;
     let mut settler = Settler {
         js: js.clone(),
@@ -336,17 +329,13 @@ pub async fn run(
         last_check: None,
         report: RunReport::default(),
     };
-    let mut seen: HashMap<Stream, u64> = HashMap::new();
-    while heads
-        .iter()
-        .any(|(s, head)| seen.get(s).copied().unwrap_or(0) < *head)
+    // The books first: WORKERS and PAYMENTS up to their heads as they are now.
+    let books = [Stream::Workers, Stream::Payments];
+    if !settler
+        .read_to_heads(&books, &tx, &mut rx, &helpers, &cancel)
+        .await?
     {
-        let arrival = tokio::select! {
-            _ = cancel.cancelled() => return Ok(settler.report),
-            a = rx.recv() => a.ok_or(SettlerError::FollowerStopped("WORKERS/PAYMENTS"))??,
-        };
-        seen.insert(arrival.stream, arrival.sequence);
-        settler.fold(arrival).await?;
+        return Ok(settler.report);
     }
     tracing::info!(
         wallet = %settler.wallet.address(),
@@ -356,20 +345,11 @@ pub async fn run(
     );
     // Then ALLOCATIONS up to its head, before TASKS: a task's end read before its allocation would leave the
     // allocation kept for nothing, and a completion read before it would have to wait.
-    let head = bus::last_sequence(&js, Stream::Allocations).await?;
-    let follower = Follower::open(&js, Stream::Allocations, Vec::new(), 1).await?;
-    tokio::spawn(follow(
-        Stream::Allocations,
-        follower,
-        tx.clone(),
-        helpers.clone(),
-    ));
-    while settler.allocations_seq < head {
-        let arrival = tokio::select! {
-            _ = cancel.cancelled() => return Ok(settler.report),
-            a = rx.recv() => a.ok_or(SettlerError::FollowerStopped("ALLOCATIONS"))??,
-        };
-        settler.fold(arrival).await?;
+    if !settler
+        .read_to_heads(&[Stream::Allocations], &tx, &mut rx, &helpers, &cancel)
+        .await?
+    {
+        return Ok(settler.report);
     }
     let follower = Follower::open(&js, Stream::Tasks, Vec::new(), 1).await?;
     tokio::spawn(follow(Stream::Tasks, follower, tx.clone(), helpers.clone()));
@@ -453,6 +433,37 @@ enum WalletNext {
 }
 
 impl Settler {
+    /// Follows `streams` (into `tx`, for good) and folds what arrives until each has been read up to its head
+    /// as it is now; `false` when cancelled first.
+    async fn read_to_heads(
+        &mut self,
+        streams: &[Stream],
+        tx: &mpsc::Sender<Result<Arrival, SettlerError>>,
+        rx: &mut mpsc::Receiver<Result<Arrival, SettlerError>>,
+        helpers: &CancellationToken,
+        cancel: &CancellationToken,
+    ) -> Result<bool, SettlerError> {
+        let mut heads = HashMap::new();
+        for &stream in streams {
+            heads.insert(stream, bus::last_sequence(&self.js, stream).await?);
+            let follower = Follower::open(&self.js, stream, Vec::new(), 1).await?;
+            tokio::spawn(follow(stream, follower, tx.clone(), helpers.clone()));
+        }
+        let mut seen: HashMap<Stream, u64> = HashMap::new();
+        while heads
+            .iter()
+            .any(|(s, head)| seen.get(s).copied().unwrap_or(0) < *head)
+        {
+            let arrival = tokio::select! {
+                _ = cancel.cancelled() => return Ok(false),
+                a = rx.recv() => a.ok_or(SettlerError::FollowerStopped("a stream read at start"))??,
+            };
+            seen.insert(arrival.stream, arrival.sequence);
+            self.fold(arrival).await?;
+        }
+        Ok(true)
+    }
+
     /// Sends what is buffered, waits for the acks, and notes where this settler's frames landed.
     async fn flush(&mut self) -> Result<(), SettlerError> {
         self.publisher.flush().await?;

@@ -231,12 +231,17 @@ impl PoolWallet {
     }
 }
 
-/// The seqno in a wallet v5r1's data (a bag of cells, base64): `signature_allowed:bit seqno:u32 …`.
-pub fn seqno_from_data(data_boc_base64: &str) -> Option<u32> {
-    let root = BagOfCells::parse_base64(data_boc_base64)
+/// The one root cell of a bag of cells given in base64, as the API gives account data and message bodies.
+fn single_root(boc_base64: &str) -> Option<tonlib_core::cell::ArcCell> {
+    BagOfCells::parse_base64(boc_base64)
         .ok()?
         .single_root()
-        .ok()?;
+        .ok()
+}
+
+/// The seqno in a wallet v5r1's data (a bag of cells, base64): `signature_allowed:bit seqno:u32 …`.
+pub fn seqno_from_data(data_boc_base64: &str) -> Option<u32> {
+    let root = single_root(data_boc_base64)?;
     let mut parser = root.parser();
     parser.load_bit().ok()?;
     parser.load_u32(32).ok()
@@ -245,10 +250,7 @@ pub fn seqno_from_data(data_boc_base64: &str) -> Option<u32> {
 /// The seqno and valid_until a wallet v5r1 external message's body names (`0x7369676e wallet_id:i32
 /// valid_until:u32 seqno:u32 …`, base64 bag of cells); `None` for any other body.
 pub fn signed_request_seqno(body_boc_base64: &str) -> Option<(u32, u32)> {
-    let root = BagOfCells::parse_base64(body_boc_base64)
-        .ok()?
-        .single_root()
-        .ok()?;
+    let root = single_root(body_boc_base64)?;
     let mut parser = root.parser();
     if parser.load_u32(32).ok()? != 0x7369_676e {
         return None;
@@ -270,10 +272,7 @@ pub fn external_body_hash(message_boc: &[u8]) -> Option<[u8; 32]> {
 
 /// The hash of a message body given as a base64 bag of cells (the API's `msg_data.body`).
 pub fn body_hash(body_boc_base64: &str) -> Option<[u8; 32]> {
-    let root = BagOfCells::parse_base64(body_boc_base64)
-        .ok()?
-        .single_root()
-        .ok()?;
+    let root = single_root(body_boc_base64)?;
     Some(tonlib_core::cell::Cell::cell_hash(&root).into())
 }
 
